@@ -1,0 +1,41 @@
+"""Pure pandas/matplotlib analysis of results folders; never imports Ray or torch."""
+
+from __future__ import annotations
+
+from analysis.load import Results, load_results, load_tune
+from analysis.plots import plot_metric_vs_round, plot_rank_heatmap, plot_tune_scatter
+from analysis.report import main_metric, main_tune_metric, write_report
+from analysis.tables import (
+    best_trial,
+    client_summary,
+    comparison_table,
+    lift_over_majority,
+    metric_direction,
+    rank_table,
+    system_summary,
+    to_markdown,
+    trials_last_round,
+    worst_decile,
+)
+
+__all__ = [
+    "Results",
+    "best_trial",
+    "client_summary",
+    "comparison_table",
+    "lift_over_majority",
+    "load_results",
+    "load_tune",
+    "main_metric",
+    "main_tune_metric",
+    "metric_direction",
+    "plot_metric_vs_round",
+    "plot_rank_heatmap",
+    "plot_tune_scatter",
+    "rank_table",
+    "system_summary",
+    "to_markdown",
+    "trials_last_round",
+    "worst_decile",
+    "write_report",
+]

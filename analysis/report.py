@@ -1,0 +1,194 @@
+"""Write ``report.md`` and PNG figures into a run, comparison or Tune folder.
+
+This is what ``pf2lora report DIR`` calls. Every file is written atomically
+(temp file in the same folder, then ``os.replace``), so a reader never sees a
+half-written report.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.load import TRIALS_FILE, Results, has_run_files, load_results, load_tune
+from analysis.plots import plot_metric_vs_round, plot_rank_heatmap, plot_tune_scatter
+from analysis.tables import (
+    best_trial,
+    client_summary,
+    comparison_table,
+    config_columns,
+    metric_direction,
+    rank_table,
+    system_summary,
+    to_markdown,
+    trials_last_round,
+)
+
+MAIN_METRICS = ("accuracy", "mcc", "pearson", "bleu", "mse", "loss")
+REPORT_FILE = "report.md"
+
+
+def main_metric(metrics: pd.DataFrame, split: str = "test") -> str | None:
+    """The first of MAIN_METRICS logged per client (or as ``<metric>.mean``) on ``split``."""
+    present = set(metrics.loc[metrics["split"] == split, "metric"])
+    for metric in MAIN_METRICS:
+        if metric in present or f"{metric}.mean" in present:
+            return metric
+    return None
+
+
+def main_tune_metric(trials: pd.DataFrame) -> str | None:
+    """The first column naming one of MAIN_METRICS, preferring ``test.`` columns.
+
+    For example "test.accuracy.mean" is chosen over "train.accuracy.mean".
+    """
+    reported = [column for column in trials.columns if column not in config_columns(trials)]
+    for metric in MAIN_METRICS:
+        matches = [column for column in reported if metric in column.split(".")]
+        matches.sort(key=lambda column: not column.startswith("test."))
+        if matches:
+            return matches[0]
+    return None
+
+
+def write_report(path: str | Path) -> list[Path]:
+    """Write ``report.md`` and PNG figures into a results folder.
+
+    A folder holding ``trials.parquet`` gets a Tune report (best trial, trials
+    table, scatter of the metric against each searched key). A folder holding run
+    files, at the top or in subfolders, gets a run report (comparison by
+    algorithm when there are several runs, client summary, ranks, system costs,
+    metric against round, rank heatmaps).
+
+    Args:
+        path: The results folder; files are written into it.
+
+    Returns:
+        The written files, figures first and ``report.md`` last.
+
+    Raises:
+        FileNotFoundError: If the folder holds neither a trials file nor run files.
+    """
+    folder = Path(path)
+    if (folder / TRIALS_FILE).is_file():
+        return _write_tune_report(folder)
+    if folder.is_dir() and (
+        has_run_files(folder) or any(has_run_files(sub) for sub in folder.iterdir() if sub.is_dir())
+    ):
+        return _write_run_report(folder)
+    raise FileNotFoundError(
+        f"{folder} holds neither {TRIALS_FILE} nor run files (runs/metrics/ranks/system.parquet)"
+    )
+
+
+def _write_run_report(folder: Path) -> list[Path]:
+    results = load_results(folder)
+    metric = main_metric(results.metrics)
+    written: list[Path] = []
+    lines = [f"# Report: {folder.name}", ""]
+    if metric is None:
+        lines += [f"No test metric among {list(MAIN_METRICS)} was logged.", ""]
+    else:
+        direction = "higher" if metric_direction(metric) else "lower"
+        lines += [f"Main metric: **{metric}** on test ({direction} is better).", ""]
+        lines += _metric_sections(results, metric)
+        written += _metric_figure(results, metric, folder, lines)
+    if not results.ranks.empty:
+        lines += ["## Ranks (last round)", "", to_markdown(rank_table(results.ranks))]
+        written += _rank_figures(results.ranks, folder, lines)
+    if not results.system.empty:
+        lines += ["## System", "", to_markdown(system_summary(results.system))]
+    written.append(_write_atomic(folder / REPORT_FILE, "\n".join(lines).encode()))
+    return written
+
+
+def _metric_sections(results: Results, metric: str) -> list[str]:
+    is_client_row = results.metrics["client_id"].notna() & (results.metrics["metric"] == metric)
+    if not is_client_row.any():
+        return []
+    lines: list[str] = []
+    if results.metrics["run_id"].nunique() > 1:
+        table = comparison_table(results, metric)
+        lines += ["## Comparison by algorithm (last round)", "", to_markdown(table)]
+    lines += [
+        "## Client summary (last round)",
+        "",
+        to_markdown(client_summary(results.metrics, metric)),
+    ]
+    return lines
+
+
+def _metric_figure(results: Results, metric: str, folder: Path, lines: list[str]) -> list[Path]:
+    is_mean_row = results.metrics["client_id"].isna() & (
+        results.metrics["metric"] == f"{metric}.mean"
+    )
+    if not is_mean_row.any():
+        return []
+    figure = plot_metric_vs_round(results.metrics, metric, runs=results.runs)
+    path = _save_figure(figure, folder / f"{metric}_vs_round.png")
+    lines += [f"![{metric} vs round]({path.name})", ""]
+    return [path]
+
+
+def _rank_figures(ranks: pd.DataFrame, folder: Path, lines: list[str]) -> list[Path]:
+    run_ids = sorted(ranks["run_id"].unique())
+    written = []
+    for run_id in run_ids:
+        name = "rank_heatmap.png" if len(run_ids) == 1 else f"rank_heatmap_{_safe(run_id)}.png"
+        path = _save_figure(plot_rank_heatmap(ranks, run_id=run_id), folder / name)
+        lines += [f"![ranks of {run_id}]({path.name})", ""]
+        written.append(path)
+    return written
+
+
+def _write_tune_report(folder: Path) -> list[Path]:
+    trials = load_tune(folder)
+    metric = main_tune_metric(trials)
+    last = trials_last_round(trials)
+    written: list[Path] = []
+    lines = [f"# Tune report: {folder.name}", "", f"{len(last)} trials.", ""]
+    if metric is not None:
+        mode = "max" if metric_direction(metric) else "min"
+        best = best_trial(trials, metric, mode).rename_axis("key").to_frame("value")
+        lines += [f"Main metric: **{metric}** ({mode}).", ""]
+        lines += ["## Best trial", "", to_markdown(best)]
+        last = last.sort_values(metric, ascending=mode == "min", ignore_index=True)
+    best_yaml = folder / "best.yaml"
+    if best_yaml.is_file():
+        lines += ["## best.yaml", "", "```yaml", best_yaml.read_text().rstrip(), "```", ""]
+    lines += ["## Trials at their last round", "", to_markdown(last)]
+    if metric is not None and config_columns(trials):
+        path = _save_figure(plot_tune_scatter(trials, metric), folder / "tune_scatter.png")
+        lines += [f"![{metric} vs searched keys]({path.name})", ""]
+        written.append(path)
+    written.append(_write_atomic(folder / REPORT_FILE, "\n".join(lines).encode()))
+    return written
+
+
+def _save_figure(figure: Figure, path: Path) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return _write_atomic(path, buffer.getvalue())
+
+
+def _write_atomic(target: Path, data: bytes) -> Path:
+    descriptor, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        os.chmod(temp, 0o644)  # mkstemp creates 0600; reports are meant to be read by others
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)

@@ -1,0 +1,242 @@
+"""The algorithm protocol and its registry.
+
+An algorithm is a small class with three hooks (after pfl-research and Flower):
+
+- :meth:`Algorithm.local_update` runs on a client: given the shared state theta
+  received this round and the client's personal state phi, it returns the new
+  (theta, phi). Only theta's contribution leaves the client.
+- :meth:`Algorithm.contribution` turns one client's result into a weighted
+  summand; hosts pre-sum these over their clients.
+- :meth:`Algorithm.aggregate` runs on the driver: sum of contributions -> next theta.
+
+Which parameters are shared, personal or frozen is declared by
+:meth:`Algorithm.partition`, so client hosts, checkpoints and the PEFT export
+treat every algorithm alike. Algorithms register with ``@register("name")``;
+nothing else switches on algorithm names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from pf2lora_ray.config import Config
+    from pf2lora_ray.tasks.base import Batch, ClientData, Params, Task
+
+Tensors = dict[str, torch.Tensor]
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    """Class decorator: make ``cls`` available as ``algorithm.name: <name>``."""
+
+    def deco(cls: type[Algorithm]) -> type[Algorithm]:
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+
+    return deco
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Parameter names by role. Every trainable name is in exactly one list."""
+
+    shared: list[str]
+    personal: list[str]
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """Everything random in a client's round derives from (seed, round, client)."""
+
+    seed: int
+    round: int
+    client_id: int
+
+    def rng(self, stream: int = 0) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.round, self.client_id, stream])
+
+    def torch_generator(self, stream: int = 0) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed(int(self.rng(stream).integers(2**62)))
+        return g
+
+
+class BatchStream:
+    """Mini-batches of one client's train split: shuffled epochs, reproducible."""
+
+    def __init__(self, task: Task, data: ClientData, batch_size: int, rng: np.random.Generator):
+        self.task, self.data, self.rng = task, data, rng
+        self.batch_size = min(batch_size, data.num_train)
+        self._order: np.ndarray = np.empty(0, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if len(self._order) < self.batch_size:
+            self._order = np.concatenate([self._order, self.rng.permutation(self.data.num_train)])
+        idx, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return self.task.batch(self.data.train, np.sort(idx))
+
+
+@dataclass
+class Local:
+    """What a client's local update hands back to its host."""
+
+    theta: Tensors
+    phi: Tensors
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Algorithm:
+    """Base class: FedAvg over the shared names, AdamW locally (override what differs).
+
+    Subclasses set ``name`` through ``@register`` and override the hooks they need.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    # ------------------------------------------------ model shape and roles
+    def ranks(self) -> tuple[int, int]:
+        """(shared rank, personal rank) of the two-level layers this algorithm trains."""
+        return self.cfg.adapter.r, 0
+
+    def partition(self, model: nn.Module, head: list[str]) -> Partition:
+        """Default: A, B (and the head when ``model.head: shared``) shared; nothing personal."""
+        from pf2lora_ray.lora import SHARED_FACTORS, factor_names
+
+        lora = factor_names(model, SHARED_FACTORS)
+        if self.cfg.model.head == "shared":
+            return Partition(shared=sorted(lora + head), personal=[])
+        return Partition(shared=lora, personal=sorted(head))
+
+    # ------------------------------------------------ client side
+    def local_update(
+        self,
+        task: Task,
+        model: nn.Module,
+        theta: Tensors,
+        phi: Tensors,
+        data: ClientData,
+        ctx: RoundContext,
+    ) -> Local:
+        """``fed.local_steps`` AdamW steps on theta and phi together (plain local training)."""
+        params = {**theta, **phi}
+        trainable = sorted(params)
+        stream = self.batches(task, data, ctx)
+        opt = AdamW(self.cfg.algorithm.lr, self.cfg.algorithm.weight_decay)
+        for _ in range(self.cfg.fed.local_steps):
+            loss, grads = loss_and_grads(task, model, params, trainable, next(stream))
+            params = opt.step(params, grads)
+        return Local(
+            {k: params[k] for k in theta}, {k: params[k] for k in phi}, {"train_loss": loss}
+        )
+
+    def eval_params(
+        self,
+        task: Task,
+        model: nn.Module,
+        theta: Tensors,
+        phi: Tensors,
+        data: ClientData,
+        ctx: RoundContext,
+    ) -> Params:
+        """The parameters client k is evaluated with (default: theta and its phi)."""
+        return {**theta, **phi}
+
+    def contribution(
+        self, theta_t: Tensors, local: Local, data: ClientData
+    ) -> tuple[float, Tensors]:
+        """(weight p_k = n_k, delta_k = theta_k - theta_t) for the weighted FedAvg mean."""
+        delta = {k: local.theta[k] - theta_t[k] for k in theta_t}
+        return float(data.num_train), delta
+
+    # ------------------------------------------------ driver side
+    def aggregate(
+        self, theta: dict[str, np.ndarray], summed: dict[str, np.ndarray], total_weight: float
+    ) -> dict[str, np.ndarray]:
+        """theta + eta_g * sum_k p_k delta_k / sum_k p_k (FedAvg when eta_g = 1)."""
+        if total_weight <= 0:
+            return theta
+        lr = self.cfg.fed.server_lr
+        return {
+            k: (theta[k] + lr * summed[k] / total_weight).astype(theta[k].dtype)
+            for k in sorted(theta)
+        }
+
+    # ------------------------------------------------ helpers for subclasses
+    def batches(self, task: Task, data: ClientData, ctx: RoundContext, stream: int = 0):
+        return BatchStream(task, data, self.cfg.data.batch_size, ctx.rng(stream))
+
+
+def loss_and_grads(
+    task: Task,
+    model: nn.Module,
+    params: Tensors,
+    names: list[str],
+    batch: Batch,
+    create_graph: bool = False,
+) -> tuple[float, Tensors]:
+    """Loss value and its gradients w.r.t. ``params[names]`` (leaves are made if needed)."""
+    leaves = {
+        k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in params.items()
+    }
+    loss = task.loss(model, leaves, batch)
+    grads = torch.autograd.grad(
+        loss, [leaves[k] for k in names], create_graph=create_graph, allow_unused=True
+    )
+    out = {
+        k: (torch.zeros_like(leaves[k]) if g is None else g)
+        for k, g in zip(names, grads, strict=True)
+    }
+    return float(loss.detach()), out
+
+
+class AdamW:
+    """AdamW (Loshchilov & Hutter) on name-keyed tensors, state kept as name-keyed tensors.
+
+    Written out (a dozen lines) rather than ``torch.optim.AdamW`` because our
+    parameters are plain dict entries passed through ``functional_call`` and
+    replaced functionally each step, and the state must serialise by name.
+    """
+
+    def __init__(self, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps=1e-8):
+        self.lr, self.wd, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.t = 0
+        self.m: Tensors = {}
+        self.v: Tensors = {}
+
+    @torch.no_grad()
+    def step(self, params: Tensors, grads: Tensors) -> Tensors:
+        """Return updated copies of ``params`` for the names in ``grads``; others unchanged."""
+        self.t += 1
+        b1, b2 = self.betas
+        out = dict(params)
+        for k, g in grads.items():
+            m = self.m.get(k, torch.zeros_like(g)).mul(b1).add(g, alpha=1 - b1)
+            v = self.v.get(k, torch.zeros_like(g)).mul(b2).addcmul(g, g, value=1 - b2)
+            self.m[k], self.v[k] = m, v
+            m_hat, v_hat = m / (1 - b1**self.t), v / (1 - b2**self.t)
+            p = params[k].detach() * (1 - self.lr * self.wd)
+            out[k] = p - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        return out
+
+
+def sgd_step(params: Tensors, grads: Tensors, lr: float) -> Tensors:
+    """phi - lr * grad, keeping the autograd graph (used inside the unrolled lower level)."""
+    out = dict(params)
+    for k, g in grads.items():
+        out[k] = params[k] - lr * g
+    return out

@@ -1,0 +1,164 @@
+"""The ``pf2lora`` command line (DESIGN.md, Command line).
+
+    pf2lora run CONFIG.yaml [--set key=value ...] [--out DIR] [--address ADDR] [--resume]
+    pf2lora tune CONFIG.yaml --space SPACE.yaml [--samples N] [--out DIR]
+    pf2lora report DIR
+    pf2lora export DIR --client K --to OUT [--shared-only]
+    pf2lora predict OUT --text "..."
+    pf2lora bench NAME [--quick] [--out DIR]
+
+Bad input (config, data, checkpoint, arguments) prints ``error: ...`` naming
+what is wrong and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 too; keep its usage line
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from pf2lora_ray.checkpoint import CheckpointError
+    from pf2lora_ray.config import ConfigError
+    from pf2lora_ray.data.partition import PartitionError
+    from pf2lora_ray.experiment import UsageError
+    from pf2lora_ray.tasks.base import DataError
+
+    return (ConfigError, PartitionError, UsageError, DataError, CheckpointError)
+
+
+def _load(args: argparse.Namespace):
+    from pf2lora_ray.config import load_config
+
+    extra = {}
+    if getattr(args, "address", None):
+        extra["runtime.address"] = args.address
+    if getattr(args, "quiet", False):
+        extra["runtime.quiet"] = True
+    return load_config(args.config, args.set or [], extra)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pf2lora_ray.experiment import run_experiment
+
+    cfg = _load(args)
+    out = Path(args.out) if args.out else Path("results") / Path(args.config).stem
+    run_experiment(cfg, out, resume=args.resume)
+    print(f"results in {out}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pf2lora_ray.tune import run_tune
+
+    cfg = _load(args)
+    out = Path(args.out) if args.out else Path("results") / f"{Path(args.config).stem}-tune"
+    run_tune(cfg, args.space, out, samples=args.samples, resume=args.resume)
+    print(f"tune results in {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import write_report
+    from pf2lora_ray.experiment import UsageError
+
+    if not Path(args.dir).is_dir():
+        raise UsageError(f"{args.dir}: no such results folder")
+    for path in write_report(args.dir):
+        print(path)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pf2lora_ray.export import export_peft
+
+    out = export_peft(args.dir, args.client, args.to, shared_only=args.shared_only)
+    print(f"PEFT adapter written to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pf2lora_ray.export import predict
+
+    for text in args.text:
+        print(predict(args.adapter, text))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pf2lora_ray.bench import run_bench
+
+    run_bench(args.name, quick=args.quick, out=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pf2lora", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def with_config(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("config", help="YAML file of overrides of the defaults")
+        sp.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override one config key (repeatable), e.g. fed.rounds=5",
+        )
+        sp.add_argument("--out", help="results folder")
+        sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+        sp.add_argument("--resume", action="store_true", help="continue the run in --out")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    with_config("run", cmd_run, "run one federated simulation")
+    tune = with_config("tune", cmd_tune, "Ray Tune search over config keys")
+    tune.add_argument("--space", required=True, help="YAML search space")
+    tune.add_argument("--samples", type=int, default=4, help="number of trials")
+
+    rep = sub.add_parser("report", help="report.md and PNG plots for a results folder")
+    rep.add_argument("dir")
+    rep.set_defaults(fn=cmd_report)
+
+    exp = sub.add_parser("export", help="a client's personalized adapter in PEFT format")
+    exp.add_argument("dir")
+    exp.add_argument("--client", type=int, default=0)
+    exp.add_argument("--to", required=True)
+    exp.add_argument("--shared-only", action="store_true", help="export the global adapter")
+    exp.set_defaults(fn=cmd_export)
+
+    pred = sub.add_parser("predict", help="run an exported adapter on text")
+    pred.add_argument("adapter")
+    pred.add_argument("--text", action="append", required=True)
+    pred.set_defaults(fn=cmd_predict)
+
+    bench = sub.add_parser("bench", help="benchmarks (overhead, flower, scaling, cost)")
+    bench.add_argument("name")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--out")
+    bench.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _bad_input_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

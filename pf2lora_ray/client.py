@@ -1,0 +1,214 @@
+"""Client code: one frozen base model serving the personal state of many clients.
+
+:class:`ClientHost` is plain Python, used as is by the in-process backend and
+wrapped thinly by a Ray actor (:mod:`pf2lora_ray.runtime.ray_backend`). It builds
+the base model once, keeps each of its clients' personal state phi_k between
+rounds, and for a round returns ONE pre-summed weighted update for all its
+clients, so the driver receives one message per host, not per client.
+
+Shared state crosses process boundaries as name-keyed float32 numpy arrays
+(zero-copy in Ray's object store); personal state never leaves the host except
+into a checkpoint.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pf2lora_ray.algorithms import ALGORITHMS
+from pf2lora_ray.algorithms.base import RoundContext, Tensors
+from pf2lora_ray.config import Config
+from pf2lora_ray.lora import DEFAULT_TARGETS, init_factors, inject_two_level_lora, lora_layers
+from pf2lora_ray.rank import energy_rank, factored_singular_values, threshold_rank, update_factors
+from pf2lora_ray.tasks import task_for
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class TrainResult:
+    """One host's share of a round: sum_k w_k * x_k (float64), sum_k w_k, per-client rows."""
+
+    summed: Arrays
+    weight: float
+    clients: list[int]
+    rows: list[dict] = field(default_factory=list)
+    compute_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    """Per-client metric rows and effective-rank rows of one evaluation."""
+
+    rows: list[dict] = field(default_factory=list)
+    ranks: list[dict] = field(default_factory=list)
+    compute_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def build_adapted_model(cfg: Config, task, algorithm) -> torch.nn.Module:
+    """The task's frozen base model with two-level LoRA on the configured targets.
+
+    The global torch seed is fixed first so a randomly initialised task head is
+    the same in every process that builds the model.
+    """
+    torch.manual_seed(cfg.seed)
+    model = task.build_model()
+    r, r_personal = algorithm.ranks()
+    targets = cfg.adapter.targets or DEFAULT_TARGETS.get(task.family, ())
+    inject_two_level_lora(
+        model, targets, r, r_personal, cfg.adapter.alpha, cfg.adapter.alpha_personal
+    )
+    # Dropout off: every random draw must come from (seed, round, client), and
+    # dropout would draw from the process-global generator.
+    return model.eval()
+
+
+class ClientHost:
+    """Frozen model + data + personal state for the clients ``client_ids``.
+
+    Args:
+        cfg: the run's config.
+        client_ids: the clients this host serves, for the whole run.
+        device: where the model and adapters live (default: CUDA if visible and
+            the config asks for GPUs, else CPU).
+    """
+
+    def __init__(self, cfg: Config, client_ids: Sequence[int], device: str | None = None):
+        self.cfg = cfg
+        self.client_ids = sorted(int(k) for k in client_ids)
+        if device is None:
+            use_gpu = cfg.resources.num_gpus_per_actor > 0 and torch.cuda.is_available()
+            device = "cuda" if use_gpu else "cpu"
+        self.device = torch.device(device)
+        self.algorithm = ALGORITHMS[cfg.algorithm.name](cfg)
+        self.task = task_for(cfg)
+        self.model = build_adapted_model(cfg, self.task, self.algorithm).to(self.device)
+        self.roles = self.algorithm.partition(self.model, self.task.head_names(self.model))
+        self.data = self.task.client_data(self.client_ids)
+        self.personal: dict[int, Tensors] = {}
+
+    # ------------------------------------------------------------ state
+    def initial_shared(self) -> Arrays:
+        """theta_0: LoRA factors drawn from the run seed, head as built."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        return _to_numpy(self._fresh(self.roles.shared, gen))
+
+    def personal_state(self, client_id: int) -> Tensors:
+        """phi_k, created from (seed, client) on first use."""
+        if client_id not in self.personal:
+            seed = int(np.random.default_rng([self.cfg.seed, client_id, 0xFACE]).integers(2**62))
+            gen = torch.Generator().manual_seed(seed)
+            self.personal[client_id] = self._fresh(self.roles.personal, gen)
+        return self.personal[client_id]
+
+    def _fresh(self, names: list[str], gen: torch.Generator) -> Tensors:
+        params = dict(self.model.named_parameters())
+        lora = [n for n in names if n.rsplit(".", 1)[-1].startswith("lora_")]
+        out = init_factors(self.model, lora, gen)
+        out.update({n: params[n].detach().clone() for n in names if n not in out})
+        return {k: v.to(self.device) for k, v in sorted(out.items())}
+
+    def get_personal(self, client_ids: Sequence[int] | None = None) -> dict[int, Arrays]:
+        """Personal state of the given (default: all) clients, as numpy, for checkpoints."""
+        ids = self.client_ids if client_ids is None else client_ids
+        return {k: _to_numpy(self.personal_state(k)) for k in ids}
+
+    def set_personal(self, states: dict[int, Arrays]) -> None:
+        """Restore clients' personal state (from a checkpoint)."""
+        for k, arrays in states.items():
+            self.personal[int(k)] = self._to_torch(arrays)
+
+    def _to_torch(self, arrays: Arrays) -> Tensors:
+        return {k: torch.from_numpy(np.array(v)).to(self.device) for k, v in arrays.items()}
+
+    # ------------------------------------------------------------ a round
+    def train(self, theta: Arrays, round_: int, client_ids: Sequence[int]) -> TrainResult:
+        """Local updates of ``client_ids`` from theta; returns their pre-summed contribution.
+
+        Clients run and are summed in ascending id order, in float64, so the
+        result does not depend on how clients are spread over hosts.
+        """
+        t0 = time.perf_counter()
+        theta_t = self._to_torch(theta)
+        summed = {k: np.zeros(v.shape, np.float64) for k, v in theta.items()}
+        total, rows = 0.0, []
+        for k in sorted(client_ids):
+            ctx = RoundContext(self.cfg.seed, round_, k)
+            local = self.algorithm.local_update(
+                self.task, self.model, dict(theta_t), self.personal_state(k), self.data[k], ctx
+            )
+            self.personal[k] = {n: v.detach() for n, v in local.phi.items()}
+            weight, x = self.algorithm.contribution(theta_t, local, self.data[k])
+            total += weight
+            for name, v in x.items():
+                summed[name] += weight * v.detach().to("cpu", torch.float64).numpy()
+            rows += [
+                {"client_id": k, "split": "train", "metric": m, "value": float(v)}
+                for m, v in sorted(local.metrics.items())
+            ]
+        return TrainResult(
+            summed, total, sorted(client_ids), rows, time.perf_counter() - t0, peak_rss_mb()
+        )
+
+    @torch.no_grad()
+    def evaluate(
+        self, theta: Arrays, round_: int, client_ids: Sequence[int] | None = None
+    ) -> EvalResult:
+        """Each client's personalized model on its own test split, plus its effective ranks."""
+        t0 = time.perf_counter()
+        theta_t = self._to_torch(theta)
+        out = EvalResult()
+        for k in self.client_ids if client_ids is None else sorted(client_ids):
+            ctx = RoundContext(self.cfg.seed, round_, k)
+            with torch.enable_grad():
+                params = self.algorithm.eval_params(
+                    self.task, self.model, theta_t, self.personal_state(k), self.data[k], ctx
+                )
+            metrics = self.task.evaluate(self.model, params, self.data[k])
+            out.rows += [
+                {"client_id": k, "split": "test", "metric": m, "value": float(v)}
+                for m, v in sorted(metrics.items())
+            ]
+            out.ranks += self.ranks(params, k)
+        out.compute_s, out.peak_rss_mb = time.perf_counter() - t0, peak_rss_mb()
+        return out
+
+    def ranks(self, params: dict[str, torch.Tensor], client_id: int) -> list[dict]:
+        """Energy and threshold rank of every adapted layer's dW for one client."""
+        model_params = dict(self.model.named_parameters())
+        rows = []
+        for layer, mod in lora_layers(self.model).items():
+            a, b, c, d = (
+                params.get(f"{layer}.{f}", model_params[f"{layer}.{f}"])
+                for f in ("lora_A", "lora_B", "lora_C", "lora_D")
+            )
+            u, v = update_factors(a, b, c, d, mod.scaling, mod.scaling_personal)
+            s = factored_singular_values(u, v)
+            rows.append(
+                {
+                    "client_id": client_id,
+                    "layer": layer,
+                    "energy_rank": energy_rank(s, self.cfg.rank.tau),
+                    "threshold_rank": threshold_rank(s, self.cfg.rank.eps),
+                    "singular_values": s.tolist(),
+                    "true_rank": self.data[client_id].true_rank,
+                }
+            )
+        return rows
+
+
+def _to_numpy(tensors: Tensors) -> Arrays:
+    return {k: v.detach().to("cpu").numpy().copy() for k, v in sorted(tensors.items())}

@@ -1,0 +1,1 @@
+"""Client data: partitioning examples across clients and per-client splits."""

@@ -1,0 +1,113 @@
+"""One run, end to end: pick the backend, attach the callbacks, run the driver loop.
+
+Used by ``pf2lora run`` and by Tune trials; importable for notebooks::
+
+    from pf2lora_ray.config import load_config
+    from pf2lora_ray.experiment import run_experiment
+    run_experiment(load_config("jobs/synthetic_rank.yaml"), "results/syn")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pf2lora_ray.config import Config, ConfigError
+from pf2lora_ray.driver import Callback, DriverState, RoundReport, run_rounds
+from pf2lora_ray.results import RESULT_FILES, ResultsWriter
+from pf2lora_ray.runtime.base import Backend
+
+
+class UsageError(ValueError):
+    """Bad command-line use (e.g. an output folder that already holds a run)."""
+
+
+def _local(cfg: Config) -> Backend:
+    from pf2lora_ray.runtime.local import LocalBackend
+
+    return LocalBackend(cfg)
+
+
+def _ray(cfg: Config) -> Backend:
+    from pf2lora_ray.runtime.ray_backend import RayBackend
+
+    return RayBackend(cfg)
+
+
+BACKENDS: dict[str, Callable[[Config], Backend]] = {"local": _local, "ray": _ray}
+
+
+class Progress:
+    """A tqdm bar over rounds showing the latest mean test metric."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.bar = cfg, None
+
+    def on_start(self, state: DriverState) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.cfg.fed.rounds,
+            initial=state.round,
+            unit="round",
+            desc=self.cfg.algorithm.name,
+        )
+
+    def on_round_end(self, state: DriverState, report: RoundReport) -> None:
+        if report.eval is not None:
+            means = {}
+            for row in report.eval.rows:
+                means.setdefault(row["metric"], []).append(row["value"])
+            self.bar.set_postfix({m: f"{sum(v) / len(v):.4g}" for m, v in sorted(means.items())})
+        self.bar.update(1)
+
+    def on_end(self, state: DriverState, status: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Refuse to write a new run over an existing one (nothing is overwritten)."""
+    used = [f for f in RESULT_FILES if (out / f).exists()]
+    if used and not resume:
+        raise UsageError(
+            f"--out {out} already holds a run ({', '.join(used)}); pass --resume to continue it "
+            "or choose a new folder"
+        )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+
+
+def run_experiment(
+    cfg: Config,
+    out: str | Path,
+    resume: bool = False,
+    extra_callbacks: Sequence[Callback] = (),
+) -> DriverState:
+    """Run ``cfg`` writing results to ``out``; returns the final driver state."""
+    out = Path(out)
+    check_out_dir(out, resume)
+    if cfg.runtime.backend not in BACKENDS:
+        raise ConfigError(f"runtime.backend: unknown backend {cfg.runtime.backend!r}")
+    backend = BACKENDS[cfg.runtime.backend](cfg)
+    try:
+        theta, start, resume_round = None, 1, None
+        if resume:
+            from pf2lora_ray.checkpoint import restore_latest
+
+            theta, resume_round = restore_latest(out, cfg, backend)
+            start = resume_round + 1
+        callbacks: list[Callback] = [ResultsWriter(out, cfg, resume_round)]
+        callbacks += _checkpoint_callbacks(cfg, out)
+        if not cfg.runtime.quiet:
+            callbacks.append(Progress(cfg))
+        callbacks += list(extra_callbacks)
+        return run_rounds(cfg, backend, callbacks, theta=theta, start_round=start)
+    finally:
+        backend.close()
+
+
+def _checkpoint_callbacks(cfg: Config, out: Path) -> list[Callback]:
+    from pf2lora_ray.checkpoint import CheckpointWriter
+
+    return [CheckpointWriter(out, cfg)]

@@ -1,0 +1,1 @@
+"""Backends that run client hosts: in-process (``local``) or Ray actors (``ray``)."""

@@ -1,0 +1,64 @@
+"""What the driver needs from a backend, whichever runs the clients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from pf2lora_ray.client import Arrays, EvalResult, TrainResult
+
+
+class Backend(Protocol):
+    """Runs client hosts; the driver loop is the same for every backend."""
+
+    num_actors: int
+
+    def initial_shared(self) -> Arrays:
+        """theta_0, identical whichever host computes it."""
+
+    def train(self, theta: Arrays, round_: int, client_ids: Sequence[int]) -> TrainResult:
+        """Local updates of the sampled clients, combined into one pre-summed result."""
+
+    def evaluate(self, theta: Arrays, round_: int) -> EvalResult:
+        """Every client's personalized model on its test split."""
+
+    def get_personal(self) -> dict[int, Arrays]:
+        """Every client's personal state (for checkpoints)."""
+
+    def set_personal(self, states: dict[int, Arrays]) -> None:
+        """Restore personal state (from a checkpoint)."""
+
+    def peak_rss_mb(self) -> float:
+        """Peak RSS summed over the processes that hold clients."""
+
+    def close(self) -> None:
+        """Release hosts/actors."""
+
+
+def combine(parts: Sequence[TrainResult]) -> TrainResult:
+    """Sum hosts' partial results in a fixed order (ascending first client id)."""
+    parts = sorted(parts, key=lambda p: p.clients[0] if p.clients else -1)
+    names = sorted(parts[0].summed)
+    summed = {k: np.sum([p.summed[k] for p in parts], axis=0) for k in names}
+    rows = sorted((r for p in parts for r in p.rows), key=lambda r: (r["client_id"], r["metric"]))
+    return TrainResult(
+        summed=summed,
+        weight=float(sum(p.weight for p in parts)),
+        clients=sorted(k for p in parts for k in p.clients),
+        rows=rows,
+        compute_s=sum(p.compute_s for p in parts),
+        peak_rss_mb=sum(p.peak_rss_mb for p in parts),
+    )
+
+
+def combine_eval(parts: Sequence[EvalResult]) -> EvalResult:
+    """Concatenate hosts' evaluation rows, sorted by client."""
+    key = lambda r: (r["client_id"], r.get("metric", r.get("layer")))  # noqa: E731
+    return EvalResult(
+        rows=sorted((r for p in parts for r in p.rows), key=key),
+        ranks=sorted((r for p in parts for r in p.ranks), key=key),
+        compute_s=sum(p.compute_s for p in parts),
+        peak_rss_mb=sum(p.peak_rss_mb for p in parts),
+    )

@@ -1,0 +1,41 @@
+"""In-process backend: one :class:`ClientHost` runs every client sequentially.
+
+The reference that Ray results must match, and the easiest place to debug.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pf2lora_ray.client import Arrays, ClientHost, EvalResult, TrainResult, peak_rss_mb
+from pf2lora_ray.config import Config
+
+
+class LocalBackend:
+    """All clients in this process, one frozen model."""
+
+    num_actors = 0
+
+    def __init__(self, cfg: Config) -> None:
+        self.host = ClientHost(cfg, range(cfg.fed.num_clients))
+
+    def initial_shared(self) -> Arrays:
+        return self.host.initial_shared()
+
+    def train(self, theta: Arrays, round_: int, client_ids: Sequence[int]) -> TrainResult:
+        return self.host.train(theta, round_, client_ids)
+
+    def evaluate(self, theta: Arrays, round_: int) -> EvalResult:
+        return self.host.evaluate(theta, round_)
+
+    def get_personal(self) -> dict[int, Arrays]:
+        return self.host.get_personal()
+
+    def set_personal(self, states: dict[int, Arrays]) -> None:
+        self.host.set_personal(states)
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,84 @@
+"""The task protocol: what a client needs to know about a model and its data.
+
+A task turns a :class:`~pf2lora_ray.config.Config` into a frozen base model (with
+two-level LoRA injected), each client's train/test examples, a loss and an
+evaluation. Algorithms never see the data format: they call :meth:`Task.loss`
+with name-keyed parameters and a batch.
+
+Tasks are found by name in :data:`TASKS` (``@register_task``), chosen from
+``data.name`` / ``data.task`` by :func:`pf2lora_ray.tasks.task_for`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+Params = Mapping[str, torch.Tensor]
+Batch = dict[str, Any]
+
+
+@dataclass
+class ClientData:
+    """One client's examples. ``train``/``test`` are sized objects the task can batch."""
+
+    client_id: int
+    train: Any  # sized, batched by Task.batch
+    test: Any
+    true_rank: int | None = None
+    train_labels: np.ndarray | None = None
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+
+class Task(Protocol):
+    """What the client code needs from a task."""
+
+    family: str  # model family, picks default adapter targets ("bert", "gpt2", "synthetic"...)
+
+    def build_model(self) -> nn.Module:
+        """The frozen base model (adapters are injected by the caller)."""
+
+    def head_names(self, model: nn.Module) -> list[str]:
+        """Names of trainable task-head parameters (empty when there is none)."""
+
+    def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
+        """Train/test examples of the given clients (deterministic from the seed)."""
+
+    def batch(self, split: Any, idx: np.ndarray) -> Batch:
+        """Rows ``idx`` of a client's split (``ClientData.train``/``test``) as tensors."""
+
+    def loss(self, model: nn.Module, params: Params, batch: Batch) -> torch.Tensor:
+        """Mean training loss of ``model`` run with ``params`` substituted."""
+
+    def evaluate(self, model: nn.Module, params: Params, data: ClientData) -> dict[str, float]:
+        """Metrics of the client's personalized model on its test split."""
+
+
+TASKS: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str) -> Callable[[type], type]:
+    """Class decorator adding a task constructor ``cls(cfg)`` to :data:`TASKS`."""
+
+    def deco(cls: type) -> type:
+        TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor of a batch to ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class DataError(ValueError):
+    """A data file or folder is missing or malformed; the message names it and the fix."""
