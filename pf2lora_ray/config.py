@@ -195,6 +195,45 @@ class PF2LoRAConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """``homlora_ft``: local fine-tuning steps on the global model before evaluation."""
+
+    steps: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "finetune.steps", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class PerFedAvgConfig:
+    """``per_fedavg`` (Fallah et al. 2020) over the LoRA parameters."""
+
+    variant: Literal["first_order", "hessian_free"] = "first_order"
+    lr_inner: float = 1e-2
+    delta: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check(self.lr_inner >= 0, "per_fedavg.lr_inner", "must be >= 0")
+        _check(self.delta > 0, "per_fedavg.delta", "must be > 0")
+
+
+@dataclass(frozen=True)
+class HetLoRAConfig:
+    """``hetlora`` (Cho et al. 2024): client ranks in [r_min, r_max], self-pruning."""
+
+    r_min: int = 2
+    r_max: int = 8
+    gamma: float = 0.99
+    reg: float = 1e-2
+
+    def __post_init__(self) -> None:
+        _check(self.r_min >= 1, "hetlora.r_min", "must be >= 1")
+        _check(self.r_max >= self.r_min, "hetlora.r_max", "must be >= hetlora.r_min")
+        _check(0 < self.gamma <= 1, "hetlora.gamma", "must be in (0, 1]")
+        _check(self.reg >= 0, "hetlora.reg", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class RankConfig:
     """Effective-rank thresholds (PF2LORA.md, Effective rank)."""
 
@@ -272,6 +311,9 @@ class Config:
     fed: FedConfig = field(default_factory=FedConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     pf2lora: PF2LoRAConfig = field(default_factory=PF2LoRAConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    per_fedavg: PerFedAvgConfig = field(default_factory=PerFedAvgConfig)
+    hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
     rank: RankConfig = field(default_factory=RankConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)

@@ -26,7 +26,7 @@ class LinearModel(nn.Module):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
         with torch.no_grad():
             self.proj.weight.copy_(weight)
 

@@ -1,0 +1,94 @@
+"""Config: YAML overrides, typed --set, and errors that name the key (exit status 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pf2lora_ray.cli import main
+from pf2lora_ray.config import ConfigError, config_hash, load_config
+
+
+def test_yaml_overrides_and_sets_compose():
+    cfg = load_config("jobs/synthetic_rank.yaml", ["fed.rounds=3", "adapter.targets=proj"])
+    assert cfg.fed.rounds == 3 and cfg.adapter.r == 2 and cfg.adapter.targets == ("proj",)
+    assert cfg.pf2lora.hypergrad == "unrolled"  # default kept
+
+
+@pytest.mark.parametrize(
+    ("item", "key"),
+    [
+        ("fed.rounds=0", "fed.rounds"),
+        ("adapter.r=0", "adapter.r"),
+        ("algorithm.lr=-1", "algorithm.lr"),
+        ("pf2lora.lr_lower=-0.1", "pf2lora.lr_lower"),
+        ("fed.clients_per_round=11", "fed.clients_per_round"),
+        ("algorithm.name=fedsgd", "algorithm.name"),
+        ("pf2lora.hypergrad=second", "pf2lora.hypergrad"),
+        ("fed.rounds=three", "fed.rounds"),
+        ("fed.rounds=2.5", "fed.rounds"),
+        ("runtime.dashboard=3", "runtime.dashboard"),
+        ("fed.bogus=1", "fed.bogus"),
+        ("nosection.key=1", "nosection"),
+    ],
+)
+def test_bad_values_name_the_key(item, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("jobs/synthetic_rank.yaml", [item])
+
+
+def test_config_hash_ignores_runtime_but_not_model_settings():
+    a = load_config("jobs/synthetic_rank.yaml")
+    assert config_hash(a) == config_hash(
+        load_config("jobs/synthetic_rank.yaml", ["runtime.backend=local"])
+    )
+    assert config_hash(a) != config_hash(load_config("jobs/synthetic_rank.yaml", ["adapter.r=3"]))
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "needle"),
+    [
+        ("fed: {rounds: 0}\n", "fed.rounds"),
+        ("- a\n- b\n", "mapping"),
+        ("fed: [1, 2\n", "malformed YAML"),
+        ("adapter:\n  rank: 4\n", "adapter.rank"),
+    ],
+)
+def test_cli_bad_config_exits_2_without_writing(tmp_path, capsys, yaml_text, needle):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml_text)
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_bad_set_exits_2_in_a_real_process(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pf2lora_ray.cli",
+            "run",
+            "jobs/synthetic_rank.yaml",
+            "--set",
+            "adapter.r=-2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "adapter.r" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "none.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
