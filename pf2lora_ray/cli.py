@@ -37,23 +37,32 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, PartitionError, UsageError, DataError, CheckpointError)
 
 
-def _load(args: argparse.Namespace):
-    from pf2lora_ray.config import load_config
-
+def _extra(args: argparse.Namespace) -> dict:
     extra = {}
     if getattr(args, "address", None):
         extra["runtime.address"] = args.address
     if getattr(args, "quiet", False):
         extra["runtime.quiet"] = True
-    return load_config(args.config, args.set or [], extra)
+    return extra
+
+
+def _load(args: argparse.Namespace):
+    from pf2lora_ray.config import load_config
+
+    return load_config(args.config, args.set or [], _extra(args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """One run, or one run per combination of the job's ``sweep:`` section (OUT/<label>/)."""
+    from pf2lora_ray.config import build_config, read_yaml, split_sweep
     from pf2lora_ray.experiment import run_experiment
 
-    cfg = _load(args)
     out = Path(args.out) if args.out else Path("results") / Path(args.config).stem
-    run_experiment(cfg, out, resume=args.resume)
+    jobs = split_sweep(read_yaml(args.config))
+    # Validate every config before the first run starts, so a typo writes nothing.
+    configs = [(label, build_config(data, args.set or [], _extra(args))) for label, data in jobs]
+    for label, cfg in configs:
+        run_experiment(cfg, out / label if label else out, resume=args.resume)
     print(f"results in {out}")
     return 0
 

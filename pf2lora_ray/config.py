@@ -14,8 +14,10 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import types
 import typing
@@ -469,11 +471,47 @@ def load_config(
 ) -> Config:
     """Defaults <- YAML overrides at ``path`` <- ``extra`` dotted dict <- ``--set`` items."""
     data = read_yaml(path) if path is not None else {}
+    if SWEEP_KEY in data:
+        raise ConfigError(f"{SWEEP_KEY}: a sweep job runs several configs; use split_sweep first")
+    return build_config(data, sets, extra)
+
+
+def build_config(
+    data: dict[str, Any], sets: typing.Sequence[str] = (), extra: dict | None = None
+) -> Config:
+    """Like :func:`load_config` from an already-read nested override mapping."""
+    data = copy.deepcopy(data)
     for key, value in (extra or {}).items():
         set_dotted(data, key, value)
     for item in sets:
         set_dotted(data, *parse_set(item))
     return from_dict(data)
+
+
+SWEEP_KEY = "sweep"
+
+
+def split_sweep(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Expand a job's optional ``sweep:`` section into (label, overrides) pairs.
+
+    ``sweep`` maps dotted keys to lists; the result is their Cartesian product in
+    file order, e.g. ``{"algorithm.name": ["pf2lora", "homlora"]}`` gives labels
+    ``pf2lora`` and ``homlora``. A job without ``sweep`` gives one unnamed config.
+    """
+    sweep = data.get(SWEEP_KEY)
+    base = {k: v for k, v in data.items() if k != SWEEP_KEY}
+    if sweep is None:
+        return [("", base)]
+    _check(isinstance(sweep, dict) and sweep, SWEEP_KEY, "must map dotted keys to lists")
+    for key, values in sweep.items():
+        _check(isinstance(values, list) and values, f"{SWEEP_KEY}.{key}", "must be a list")
+    out = []
+    for combo in itertools.product(*sweep.values()):
+        overrides = copy.deepcopy(base)
+        for key, value in zip(sweep, combo, strict=True):
+            set_dotted(overrides, key, value)
+        out.append(("-".join(str(v) for v in combo), overrides))
+    return out
 
 
 def config_hash(cfg: Config, ignore: typing.Iterable[str] = ()) -> str:

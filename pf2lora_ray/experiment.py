@@ -76,6 +76,13 @@ def check_out_dir(out: Path, resume: bool) -> None:
         )
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--out {out} cannot be written: {err.strerror or err}") from err
 
 
 def run_experiment(
@@ -87,6 +94,8 @@ def run_experiment(
     """Run ``cfg`` writing results to ``out``; returns the final driver state."""
     out = Path(out)
     check_out_dir(out, resume)
+    # Resuming a run that never started (e.g. a later sweep member) starts it fresh.
+    resume = resume and any((out / f).exists() for f in RESULT_FILES)
     if cfg.runtime.backend not in BACKENDS:
         raise ConfigError(f"runtime.backend: unknown backend {cfg.runtime.backend!r}")
     backend = BACKENDS[cfg.runtime.backend](cfg)
