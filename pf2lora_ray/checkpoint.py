@@ -117,8 +117,9 @@ class CheckpointWriter:
         pass
 
     def on_round_end(self, state: DriverState, report: RoundReport) -> None:
-        every = self.cfg.checkpoint.every
-        if (every and report.round % every == 0) or report.round == self.cfg.fed.rounds:
+        every, last = self.cfg.checkpoint.every, self.cfg.fed.rounds
+        crash = self.cfg.faults.crash_driver_at_round
+        if (every and report.round % every == 0) or report.round in (last, crash):
             save_checkpoint(
                 self.run_dir, self.cfg, report.round, state.theta, state.backend.get_personal()
             )

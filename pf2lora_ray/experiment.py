@@ -118,5 +118,9 @@ def run_experiment(
 
 def _checkpoint_callbacks(cfg: Config, out: Path) -> list[Callback]:
     from pf2lora_ray.checkpoint import CheckpointWriter
+    from pf2lora_ray.faults import DriverCrash
 
-    return [CheckpointWriter(out, cfg)]
+    callbacks: list[Callback] = [CheckpointWriter(out, cfg)]
+    if cfg.faults.crash_driver_at_round:
+        callbacks.append(DriverCrash(cfg))  # after the checkpoint of its round
+    return callbacks

@@ -1,0 +1,94 @@
+"""Driver crash + --resume, checkpoints, and refusing to overwrite a used folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from pf2lora_ray.cli import main
+from pf2lora_ray.faults import CRASH_EXIT_CODE
+
+SETS = [
+    "runtime.backend=local",
+    "fed.rounds=4",
+    "fed.eval_every=1",
+    "synthetic.train_size=64",
+    "fed.clients_per_round=6",
+    "checkpoint.every=2",
+]
+
+
+def pf2lora(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pf2lora_ray.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def run_args(out, *extra):
+    sets = [x for s in [*SETS, *extra] for x in ("--set", s)]
+    return ["run", "jobs/synthetic_rank.yaml", "--quiet", "--out", str(out), *sets]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert main(run_args(out)) == 0
+    return out
+
+
+def test_crash_then_resume_equals_uninterrupted_run(tmp_path, reference):
+    out = tmp_path / "run"
+    crashed = pf2lora(*run_args(out, "faults.crash_driver_at_round=3"))
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["round"] == 3
+    partial = pd.read_parquet(out / "metrics.parquet")
+    assert partial["round"].max() == 3
+    # Resume with the crash switched off (faults are not part of the config hash).
+    assert main([*run_args(out), "--resume"]) == 0
+    got = pd.read_parquet(out / "metrics.parquet")
+    want = pd.read_parquet(reference / "metrics.parquet")
+    assert not got.duplicated(["round", "client_id", "split", "metric"]).any()
+    pd.testing.assert_frame_equal(
+        got.reset_index(drop=True), want.reset_index(drop=True), rtol=1e-6
+    )
+    assert pd.read_parquet(out / "runs.parquet").loc[0, "status"] == "completed"
+
+
+def test_new_run_refuses_a_used_folder(reference, capsys):
+    before = (reference / "metrics.parquet").read_bytes()
+    assert main(run_args(reference)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (reference / "metrics.parquet").read_bytes() == before
+
+
+def test_foreign_checkpoint_is_refused(reference, capsys):
+    assert main([*run_args(reference, "adapter.r=3"), "--resume"]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_truncated_checkpoint_is_refused(tmp_path, reference, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    shared = out / "checkpoints" / latest["dir"] / "shared.safetensors"
+    shared.write_bytes(shared.read_bytes()[:20])
+    before = (out / "metrics.parquet").read_bytes()
+    assert main([*run_args(out), "--resume"]) == 2
+    assert "truncated" in capsys.readouterr().err
+    assert (out / "metrics.parquet").read_bytes() == before
+
+
+def test_unwritable_output_folder_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(run_args(blocker / "sub")) == 2
+    assert "cannot be written" in capsys.readouterr().err
