@@ -1,0 +1,151 @@
+"""Ray backend against the in-process reference on a 4-CPU local Ray.
+
+The synthetic rank task is small enough that a 4-round run takes well under a
+second of compute; what these tests pay for is Ray and actor start-up.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from pf2lora_ray.client import peak_rss_mb  # noqa: E402
+from pf2lora_ray.config import Config, ConfigError, load_config  # noqa: E402
+from pf2lora_ray.driver import DriverState, run_rounds  # noqa: E402
+from pf2lora_ray.runtime.local import LocalBackend  # noqa: E402
+from pf2lora_ray.runtime.ray_backend import ActorStateLost, RayBackend  # noqa: E402
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "synthetic_rank.yaml"
+SHORT = [
+    "fed.rounds=4",
+    "fed.eval_every=2",
+    "fed.clients_per_round=6",
+    "synthetic.train_size=64",
+    "synthetic.test_size=64",
+    "runtime.quiet=true",
+]
+
+pytestmark = pytest.mark.ray
+
+
+def short_config(*sets: str) -> Config:
+    """jobs/synthetic_rank.yaml cut to 4 rounds of 6 sampled clients out of 10."""
+    return load_config(JOB, [*SHORT, *sets])
+
+
+def final_metrics(state: DriverState) -> dict[tuple[int, str], float]:
+    """Last evaluation's per-client test metrics keyed by (client, metric)."""
+    return {(r["client_id"], r["metric"]): r["value"] for r in state.last.eval.rows}
+
+
+def assert_same(got: dict, want: dict, rtol: float = 1e-5) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=rtol, abs=1e-12), key
+
+
+def wait_until_alive(actor, timeout_s: float = 60.0) -> None:
+    """Block until a restarting actor answers calls again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.node_id.remote())
+            return
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference() -> DriverState:
+    """The in-process backend's run: what every Ray run must reproduce."""
+    cfg = short_config()
+    return run_rounds(cfg, LocalBackend(cfg))
+
+
+def test_more_gpu_than_the_cluster_has_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"num_gpus_per_actor=0\.5.*short by 0\.5 GPU"):
+        RayBackend(short_config("resources.num_gpus_per_actor=0.5"))
+
+
+def test_more_actors_than_free_cpus_is_a_config_error():
+    # Runs before any test starts actors, so all 4 CPUs are free.
+    cfg = short_config("resources.num_actors=6", "resources.num_cpus_per_actor=1")
+    with pytest.raises(ConfigError, match=r"6 actors .* need 6 CPU .*short by 2 CPU"):
+        RayBackend(cfg)
+    assert ray.available_resources().get("CPU") == pytest.approx(4.0)  # nothing was started
+
+
+def test_automatic_actors_fill_free_cpus_and_match_in_process(reference):
+    # 4 free CPUs / 2 per actor -> 2 actors, clients 0-4 and 5-9.
+    cfg = short_config("resources.num_cpus_per_actor=2")
+    backend = RayBackend(cfg)
+    try:
+        assert backend.num_actors == 2
+        assert backend.blocks == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+        state = run_rounds(cfg, backend)
+        personal = backend.get_personal()
+        assert backend.peak_rss_mb() > peak_rss_mb()  # the actors' memory is counted
+        # set_personal routes each client to the actor that holds it, leaving the rest.
+        changed = {k: {n: v + 1.0 + k for n, v in personal[k].items()} for k in (0, 4, 9)}
+        backend.set_personal(changed)
+        after = backend.get_personal()
+    finally:
+        backend.close()
+    for k in range(10):
+        for name, value in changed.get(k, personal[k]).items():
+            np.testing.assert_array_equal(after[k][name], value)
+    assert ray.is_initialized()  # the fixture's Ray is reused, not shut down
+    assert_same(final_metrics(state), final_metrics(reference))
+    for name, value in reference.theta.items():
+        np.testing.assert_allclose(state.theta[name], value, rtol=1e-5, atol=1e-7)
+    want = reference.backend.get_personal()
+    assert sorted(personal) == list(range(10))
+    for k in range(10):
+        for name, value in want[k].items():
+            np.testing.assert_allclose(personal[k][name], value, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("num_actors", [1, 4])
+def test_result_does_not_depend_on_actor_count(reference, num_actors):
+    cfg = short_config(f"resources.num_actors={num_actors}", "resources.num_cpus_per_actor=0.5")
+    backend = RayBackend(cfg)
+    try:
+        assert backend.num_actors == num_actors
+        assert sorted(k for block in backend.blocks for k in block) == list(range(10))
+        state = run_rounds(cfg, backend)
+    finally:
+        backend.close()
+    assert_same(final_metrics(state), final_metrics(reference))
+
+
+def test_restarted_actor_refuses_to_train_until_its_state_is_restored(reference):
+    cfg = short_config("resources.num_actors=2", "resources.num_cpus_per_actor=0.5")
+    backend = RayBackend(cfg)
+    try:
+        theta = backend.initial_shared()
+        backend.train(theta, 1, [0, 9])
+        saved = backend.get_personal()
+        ray.kill(backend.actors[1], no_restart=False)  # Ray restarts it (max_restarts)
+        wait_until_alive(backend.actors[1])
+        with pytest.raises(ActorStateLost, match=r"clients 5\.\.9 was restarted"):
+            backend.train(theta, 2, [0, 9])
+        backend.set_personal({k: v for k, v in saved.items() if k >= 5})
+        assert backend.get_personal()[9].keys() == saved[9].keys()
+        for name, value in saved[9].items():
+            np.testing.assert_array_equal(backend.get_personal()[9][name], value)
+    finally:
+        backend.close()
