@@ -111,7 +111,8 @@ class ClientHost:
         if client_id not in self.personal:
             seed = int(np.random.default_rng([self.cfg.seed, client_id, 0xFACE]).integers(2**62))
             gen = torch.Generator().manual_seed(seed)
-            self.personal[client_id] = self._fresh(self.roles.personal, gen)
+            fresh = self._fresh(self.roles.personal, gen)
+            self.personal[client_id] = self.algorithm.init_personal(self.model, fresh, client_id)
         return self.personal[client_id]
 
     def _fresh(self, names: list[str], gen: torch.Generator) -> Tensors:

@@ -1,6 +1,15 @@
 """Registered algorithms; importing this package fills :data:`ALGORITHMS`."""
 
-from pf2lora_ray.algorithms import homlora, pf2lora  # noqa: F401  (register themselves)
+from pf2lora_ray.algorithms import (  # noqa: F401  (register themselves)
+    fedsa_lora,
+    ffa_lora,
+    hetlora,
+    homlora,
+    homlora_ft,
+    local_lora,
+    per_fedavg,
+    pf2lora,
+)
 from pf2lora_ray.algorithms.base import ALGORITHMS, Algorithm, RoundContext, register
 
 __all__ = ["ALGORITHMS", "Algorithm", "RoundContext", "register"]

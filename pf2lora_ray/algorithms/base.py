@@ -122,6 +122,24 @@ class Algorithm:
             return Partition(shared=sorted(lora + head), personal=[])
         return Partition(shared=lora, personal=sorted(head))
 
+    def init_personal(self, model: nn.Module, phi: Tensors, client_id: int) -> Tensors:
+        """Client ``client_id``'s first personal state, given fresh ``partition().personal``.
+
+        Override to add state that is not a model parameter (HetLoRA keeps its
+        client rank here). Entries must be tensors so checkpoints store them.
+        Default: ``phi`` unchanged.
+        """
+        return phi
+
+    # ------------------------------------------------ accounting
+    def trainable_names(self, roles: Partition) -> list[str]:
+        """Parameters a client trains (default: every shared and personal one)."""
+        return sorted(roles.shared + roles.personal)
+
+    def communicated_names(self, roles: Partition) -> list[str]:
+        """Parameters sent each way each round by a sampled client (default: the shared ones)."""
+        return sorted(roles.shared)
+
     # ------------------------------------------------ client side
     def local_update(
         self,
@@ -202,6 +220,28 @@ def loss_and_grads(
         for k, g in zip(names, grads, strict=True)
     }
     return float(loss.detach()), out
+
+
+def adamw_steps(
+    task: Task,
+    model: nn.Module,
+    params: Tensors,
+    names: list[str],
+    batches: Iterator[Batch],
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+) -> tuple[float, Tensors]:
+    """``steps`` AdamW steps on ``params[names]``, the other entries held fixed.
+
+    Returns (loss of the last step, NaN when ``steps`` is 0; updated detached params).
+    """
+    params = {k: v.detach() for k, v in params.items()}
+    opt, loss = AdamW(lr, weight_decay), float("nan")
+    for _ in range(steps):
+        loss, grads = loss_and_grads(task, model, params, names, next(batches))
+        params = opt.step(params, grads)
+    return loss, params
 
 
 class AdamW:

@@ -1,0 +1,97 @@
+"""Per-FedAvg over the LoRA parameters (first-order and Hessian-free variants).
+
+Fallah, Mokhtari, Ozdaglar, "Personalized Federated Learning with Theoretical
+Guarantees: A Model-Agnostic Meta-Learning Approach", NeurIPS 2020 (Algorithm 1).
+
+Communicated: A, B (and the head when ``model.head: shared``); the driver
+averages the deltas (FedAvg). Local: nothing between rounds (or the head when
+``model.head: personal``, which is meta-trained alongside).
+
+One local step on w = (theta, phi), repeated ``fed.local_steps`` times, with
+alpha = ``per_fedavg.lr_inner`` and beta = ``algorithm.lr``::
+
+    temp = w - alpha * grad f(w; D)                       # inner (personalisation) step
+    g    = grad f(temp; D')
+    FO:  w <- w - beta * g
+    HF:  w <- w - beta * (g - alpha * d),
+         d = [grad f(w + delta g; D'') - grad f(w - delta g; D'')] / (2 delta)
+
+The HF variant estimates the Hessian-vector product grad^2 f(w; D'') g by the
+paper's central finite difference with ``per_fedavg.delta`` (no double
+backward). The outer step is plain SGD with ``algorithm.lr``, as in the paper,
+not AdamW: tune ``algorithm.lr`` for this algorithm on its own scale.
+D, D', D'' are independent mini-batch streams of the client's train split.
+
+Evaluation personalises as the paper does: one step of ``lr_inner`` from the
+received model on one train batch (a stream distinct from training's).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pf2lora_ray.algorithms.base import (
+    Algorithm,
+    Local,
+    RoundContext,
+    Tensors,
+    loss_and_grads,
+    register,
+)
+from pf2lora_ray.tasks.base import ClientData, Params, Task
+
+EVAL_STREAM = 0xE7  # batch stream of the evaluation step, distinct from training's
+
+
+@torch.no_grad()
+def axpy(x: Tensors, y: Tensors, a: float) -> Tensors:
+    """x + a * y for the names in ``y``; other entries of ``x`` unchanged."""
+    return {k: (x[k] + a * y[k]) if k in y else x[k] for k in x}
+
+
+@register("per_fedavg")
+class PerFedAvg(Algorithm):
+    """MAML-style local steps (FO or HF) on the LoRA parameters, FedAvg on the driver."""
+
+    def local_update(
+        self,
+        task: Task,
+        model: nn.Module,
+        theta: Tensors,
+        phi: Tensors,
+        data: ClientData,
+        ctx: RoundContext,
+    ) -> Local:
+        opts = self.cfg.per_fedavg
+        alpha, beta = opts.lr_inner, self.cfg.algorithm.lr
+        d, d1, d2 = (self.batches(task, data, ctx, s) for s in (0, 1, 2))
+        w = {k: v.detach() for k, v in {**theta, **phi}.items()}
+        names = sorted(w)
+        loss = float("nan")
+        for _ in range(self.cfg.fed.local_steps):
+            _, g_in = loss_and_grads(task, model, w, names, next(d))
+            temp = axpy(w, g_in, -alpha)
+            loss, g = loss_and_grads(task, model, temp, names, next(d1))
+            if opts.variant == "hessian_free":
+                batch = next(d2)
+                _, g_plus = loss_and_grads(task, model, axpy(w, g, opts.delta), names, batch)
+                _, g_minus = loss_and_grads(task, model, axpy(w, g, -opts.delta), names, batch)
+                hvp = {k: (g_plus[k] - g_minus[k]) / (2 * opts.delta) for k in names}
+                g = axpy(g, hvp, -alpha)
+            w = axpy(w, g, -beta)
+        return Local({k: w[k] for k in theta}, {k: w[k] for k in phi}, {"train_loss": loss})
+
+    def eval_params(
+        self,
+        task: Task,
+        model: nn.Module,
+        theta: Tensors,
+        phi: Tensors,
+        data: ClientData,
+        ctx: RoundContext,
+    ) -> Params:
+        w = {k: v.detach() for k, v in {**theta, **phi}.items()}
+        batch = next(self.batches(task, data, ctx, EVAL_STREAM))
+        _, g = loss_and_grads(task, model, w, sorted(w), batch)
+        return axpy(w, g, -self.cfg.per_fedavg.lr_inner)
