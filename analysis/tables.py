@@ -182,7 +182,10 @@ def comparison_table(results: Results, metric: str, split: str = "test") -> pd.D
     per_run["bytes_up_per_round"] = grouped["bytes_up"].mean()
     per_run["wall_s_per_round"] = grouped["wall_s"].mean()
     per_run["peak_rss_mb"] = grouped["peak_rss_mb"].mean()
-    per_run["algorithm"] = algorithms
+    # Sweep variants (e.g. pf2lora vs its first_order ablation) stay apart.
+    runs = results.runs.set_index("run_id")
+    label = runs["variant"] if "variant" in runs else runs["algorithm"]
+    per_run["algorithm"] = label.fillna(runs["algorithm"])
     return per_run.groupby("algorithm").mean()
 
 

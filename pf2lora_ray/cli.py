@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Validate every config before the first run starts, so a typo writes nothing.
     configs = [(label, build_config(data, args.set or [], _extra(args))) for label, data in jobs]
     for label, cfg in configs:
-        run_experiment(cfg, out / label if label else out, resume=args.resume)
+        run_experiment(cfg, out / label if label else out, resume=args.resume, variant=label)
     print(f"results in {out}")
     return 0
 
@@ -97,10 +97,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pf2lora_ray.export import predict
+    from pf2lora_ray.export import predict_many
 
-    for text in args.text:
-        print(predict(args.adapter, text))
+    for line in predict_many(args.adapter, args.text):  # loads the model once
+        print(line)
     return 0
 
 

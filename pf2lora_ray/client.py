@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import psutil
 import torch
 
 from pf2lora_ray.algorithms import ALGORITHMS
@@ -41,6 +42,8 @@ class TrainResult:
     rows: list[dict] = field(default_factory=list)
     compute_s: float = 0.0
     peak_rss_mb: float = 0.0
+    dropped: list[int] = field(default_factory=list)  # lost after faults.max_retries retries
+    faults: list[str] = field(default_factory=list)  # actor failures met (and how handled)
 
 
 @dataclass
@@ -51,11 +54,18 @@ class EvalResult:
     ranks: list[dict] = field(default_factory=list)
     compute_s: float = 0.0
     peak_rss_mb: float = 0.0
+    dropped: list[int] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
 
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, in MB (unlike the peak, it can shrink)."""
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def build_adapted_model(cfg: Config, task, algorithm) -> torch.nn.Module:

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from pf2lora_ray.algorithms import ALGORITHMS
+from pf2lora_ray.algorithms.base import Partition
 from pf2lora_ray.client import Arrays, EvalResult, TrainResult
 from pf2lora_ray.config import Config
 from pf2lora_ray.runtime.base import Backend
@@ -85,7 +86,9 @@ def run_rounds(
         theta if theta is not None else backend.initial_shared(),
         round=start_round - 1,
     )
-    shared_bytes = sum(v.nbytes for v in state.theta.values())
+    # What a real deployment would send per sampled client each way (FFA-LoRA: B only).
+    sent = algorithm.communicated_names(Partition(shared=sorted(state.theta), personal=[]))
+    shared_bytes = sum(state.theta[k].nbytes for k in sent)
     for cb in callbacks:
         cb.on_start(state)
     try:

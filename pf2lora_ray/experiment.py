@@ -90,8 +90,12 @@ def run_experiment(
     out: str | Path,
     resume: bool = False,
     extra_callbacks: Sequence[Callback] = (),
+    variant: str = "",
 ) -> DriverState:
-    """Run ``cfg`` writing results to ``out``; returns the final driver state."""
+    """Run ``cfg`` writing results to ``out``; returns the final driver state.
+
+    ``variant`` labels the run in a sweep (runs.parquet ``variant`` column).
+    """
     out = Path(out)
     check_out_dir(out, resume)
     # Resuming a run that never started (e.g. a later sweep member) starts it fresh.
@@ -106,7 +110,7 @@ def run_experiment(
 
             theta, resume_round = restore_latest(out, cfg, backend)
             start = resume_round + 1
-        callbacks: list[Callback] = [ResultsWriter(out, cfg, resume_round)]
+        callbacks: list[Callback] = [ResultsWriter(out, cfg, resume_round, variant)]
         callbacks += _checkpoint_callbacks(cfg, out)
         if not cfg.runtime.quiet:
             callbacks.append(Progress(cfg))

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from pf2lora_ray.client import EvalResult
 from pf2lora_ray.config import Config, config_hash, flatten, to_dict
 from pf2lora_ray.driver import DriverState, RoundReport
 from pf2lora_ray.metrics import HIGHER_IS_BETTER, summarize
@@ -40,7 +41,10 @@ SYSTEM_COLUMNS = [
     "bytes_up",
     "bytes_down",
     "peak_rss_mb",
+    "rss_mb",
     "actors",
+    "dropped_clients",
+    "faults",
 ]
 RESULT_FILES = ("runs.parquet", "metrics.parquet", "ranks.parquet", "system.parquet")
 
@@ -100,10 +104,14 @@ class ResultsWriter:
         cfg: the resolved config (written as config.yaml).
         resume_round: when resuming, rows of later rounds (written after the
             checkpoint) are dropped so no round appears twice.
+        variant: the run's label in a sweep (default: the algorithm name); the
+            ``variant`` column of runs.parquet, which comparison tables group by.
     """
 
-    def __init__(self, out: str | Path, cfg: Config, resume_round: int | None = None) -> None:
+    def __init__(self, out: str | Path, cfg: Config, resume_round: int | None = None,
+                 variant: str = "") -> None:
         self.out, self.cfg = Path(out), cfg
+        self.variant = variant or cfg.algorithm.name
         self.run_id = run_id_for(cfg)
         self.t0 = time.perf_counter()
         self.tables: dict[str, list[dict]] = {"metrics": [], "ranks": [], "system": []}
@@ -137,7 +145,8 @@ class ResultsWriter:
             self.tables["metrics"].append({**base, **row})
         for row in report.eval.ranks if report.eval else []:
             self.tables["ranks"].append({**base, **row})
-        compute = report.train.compute_s + (report.eval.compute_s if report.eval else 0.0)
+        evaluated = report.eval or EvalResult()
+        compute = report.train.compute_s + evaluated.compute_s
         self.tables["system"].append(
             {
                 **base,
@@ -146,8 +155,13 @@ class ResultsWriter:
                 "bytes_up": report.bytes_up,
                 "bytes_down": report.bytes_down,
                 "peak_rss_mb": state.backend.peak_rss_mb(),
+                "rss_mb": state.backend.rss_mb(),
                 "actors": state.backend.num_actors,
                 "clients": len(report.clients),
+                # Clients whose work this round was lost after faults.max_retries retries,
+                # and every actor failure met (recovered or not), in words.
+                "dropped_clients": sorted({*report.train.dropped, *evaluated.dropped}),
+                "faults": report.train.faults + evaluated.faults,
             }
         )
         self._flush()
@@ -174,6 +188,7 @@ class ResultsWriter:
         row = {
             "run_id": self.run_id,
             "algorithm": self.cfg.algorithm.name,
+            "variant": self.variant,
             "seed": self.cfg.seed,
             "status": status,
             "wall_s": self.prior_wall + time.perf_counter() - self.t0,

@@ -141,8 +141,9 @@ def test_restarted_actor_refuses_to_train_until_its_state_is_restored(reference)
         saved = backend.get_personal()
         ray.kill(backend.actors[1], no_restart=False)  # Ray restarts it (max_restarts)
         wait_until_alive(backend.actors[1])
+        # The actor itself refuses; RayBackend.train would restore it (test_faults_ray.py).
         with pytest.raises(ActorStateLost, match=r"clients 5\.\.9 was restarted"):
-            backend.train(theta, 2, [0, 9])
+            ray.get(backend.actors[1].train.remote(theta, 2, [9]))
         backend.set_personal({k: v for k, v in saved.items() if k >= 5})
         assert backend.get_personal()[9].keys() == saved[9].keys()
         for name, value in saved[9].items():

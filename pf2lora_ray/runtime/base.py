@@ -33,6 +33,9 @@ class Backend(Protocol):
     def peak_rss_mb(self) -> float:
         """Peak RSS summed over the processes that hold clients."""
 
+    def rss_mb(self) -> float:
+        """Current RSS summed over the processes that hold clients (can shrink, unlike the peak)."""
+
     def close(self) -> None:
         """Release hosts/actors."""
 

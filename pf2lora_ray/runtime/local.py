@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pf2lora_ray.client import Arrays, ClientHost, EvalResult, TrainResult, peak_rss_mb
+from pf2lora_ray.client import Arrays, ClientHost, EvalResult, TrainResult, peak_rss_mb, rss_mb
 from pf2lora_ray.config import Config
 
 
@@ -36,6 +36,9 @@ class LocalBackend:
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()
+
+    def rss_mb(self) -> float:
+        return rss_mb()
 
     def close(self) -> None:
         pass
