@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -120,6 +121,13 @@ class DataConfig:
     eval_batch_size: int = 64
     max_train_per_client: int = 0
     max_test_per_client: int = 0
+    # Text tasks (tasks/glue.py, tasks/webnlg.py): which split is partitioned,
+    # column overrides for files whose names differ from the task's, decoding.
+    split: str = "train"
+    text_columns: tuple[str, ...] = ()
+    label_column: str | None = None
+    max_new_tokens: int = 64
+    num_beams: int = 1
 
     def __post_init__(self) -> None:
         _check(self.alpha > 0, "data.alpha", f"must be > 0, got {self.alpha}")
@@ -130,6 +138,10 @@ class DataConfig:
         _check(self.eval_batch_size > 0, "data.eval_batch_size", "must be > 0")
         _check(self.max_train_per_client >= 0, "data.max_train_per_client", "must be >= 0")
         _check(self.max_test_per_client >= 0, "data.max_test_per_client", "must be >= 0")
+        _check(bool(self.split), "data.split", "must name a split, e.g. train")
+        _check(len(self.text_columns) <= 2, "data.text_columns", "must list at most 2 columns")
+        _check(self.max_new_tokens > 0, "data.max_new_tokens", "must be > 0")
+        _check(self.num_beams >= 1, "data.num_beams", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -362,6 +374,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _check(ok, key, f"must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _check(ok, key, f"must be a number, got {value!r}")
         return float(value)
@@ -494,23 +509,42 @@ SWEEP_KEY = "sweep"
 def split_sweep(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Expand a job's optional ``sweep:`` section into (label, overrides) pairs.
 
-    ``sweep`` maps dotted keys to lists; the result is their Cartesian product in
-    file order, e.g. ``{"algorithm.name": ["pf2lora", "homlora"]}`` gives labels
-    ``pf2lora`` and ``homlora``. A job without ``sweep`` gives one unnamed config.
+    Two forms. A mapping of dotted keys to lists is a Cartesian product in file
+    order (``{"algorithm.name": [pf2lora, homlora], "seed": [0, 1]}`` gives
+    ``pf2lora-0``, ``pf2lora-1``, ...). A list of mappings names each variant
+    explicitly, with an optional ``label``::
+
+        sweep:
+          - {label: pf2lora, algorithm.name: pf2lora}
+          - {label: pf2lora_fo, algorithm.name: pf2lora, pf2lora.hypergrad: first_order}
+
+    A job without ``sweep`` gives one unnamed config.
     """
     sweep = data.get(SWEEP_KEY)
     base = {k: v for k, v in data.items() if k != SWEEP_KEY}
     if sweep is None:
         return [("", base)]
-    _check(isinstance(sweep, dict) and sweep, SWEEP_KEY, "must map dotted keys to lists")
-    for key, values in sweep.items():
-        _check(isinstance(values, list) and values, f"{SWEEP_KEY}.{key}", "must be a list")
+    if isinstance(sweep, dict) and sweep:
+        for key, values in sweep.items():
+            _check(isinstance(values, list) and values, f"{SWEEP_KEY}.{key}", "must be a list")
+        variants = [dict(zip(sweep, combo, strict=True))
+                    for combo in itertools.product(*sweep.values())]
+    elif isinstance(sweep, list) and sweep:
+        for i, v in enumerate(sweep):
+            _check(isinstance(v, dict) and v, f"{SWEEP_KEY}[{i}]", "must be a mapping")
+        variants = [dict(v) for v in sweep]
+    else:
+        raise ConfigError(f"{SWEEP_KEY}: must map dotted keys to lists, or list variants")
     out = []
-    for combo in itertools.product(*sweep.values()):
+    for variant in variants:
+        label = str(variant.pop("label", "-".join(str(v) for v in variant.values())))
+        _check(label and "/" not in label, f"{SWEEP_KEY}.label", f"bad label {label!r}")
         overrides = copy.deepcopy(base)
-        for key, value in zip(sweep, combo, strict=True):
+        for key, value in variant.items():
             set_dotted(overrides, key, value)
-        out.append(("-".join(str(v) for v in combo), overrides))
+        out.append((label, overrides))
+    labels = [label for label, _ in out]
+    _check(len(set(labels)) == len(labels), SWEEP_KEY, f"labels must be unique: {labels}")
     return out
 
 

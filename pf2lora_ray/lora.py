@@ -35,6 +35,11 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
     "mistral": ("q_proj", "v_proj"),
     "qwen2": ("q_proj", "v_proj"),
+    "xlm-roberta": ("query", "value"),
+    "electra": ("query", "value"),
+    "deberta-v2": ("query_proj", "value_proj"),
+    "opt": ("q_proj", "v_proj"),
+    "gpt_neox": ("query_key_value",),
     "synthetic": ("proj",),
 }
 

@@ -1,0 +1,464 @@
+"""Export a client's personalized model as a standard PEFT LoRA adapter, and predict with it.
+
+Client k's adapted layer computes W0 + s B A + s~ D_k C_k (PF2LORA.md, Model), and
+
+    s B A + s~ D_k C_k = [s B, s~ D_k] @ [A; C_k],
+
+so client k's whole update is ONE LoRA of rank r + r~ per layer with
+``lora_B = [s B, s~ D_k]`` (m x (r + r~)) and ``lora_A = [A; C_k]`` ((r + r~) x n).
+The export folds the scales into lora_B and sets ``lora_alpha = r + r~`` so that
+PEFT's own scaling lora_alpha / r is exactly 1. ``--shared-only`` exports the
+global adapter theta alone (lora_A = A, lora_B = s B; PF2LoRA's C, D dropped).
+
+Every algorithm exports alike: a layer's A, B, C, D are looked up by name in the
+parameters the client is evaluated with (``Algorithm.eval_params`` of
+{**theta, **phi_k}), so LoRA factors that an algorithm keeps personal (local-only
+LoRA, FedSA-LoRA's B) and evaluation-time personalisation (Per-FedAvg's step,
+HetLoRA's rank truncation, HOMLoRA-FT's fine-tune, at the checkpoint's round)
+are exported as the simulation evaluated them.
+
+An export folder ``OUT`` holds::
+
+    adapter_config.json        peft LoraConfig (task_type SEQ_CLS / CAUSAL_LM, r, target_modules...)
+    adapter_model.safetensors  base_model.model.<layer>.lora_A.weight / .lora_B.weight,
+                               and the trained head as base_model.model.<head>.weight/.bias
+    pf2lora.json               provenance: run id, client, round, model, task, label names
+    tokenizer files            so prediction works offline
+    base_model/                only when the base model was built in code (tiny-*): its weights
+
+Loading an export with PEFT (any transformers model; the head is restored from
+the adapter, so ``num_labels`` must match)::
+
+    import json
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = "exports/client3"
+    info = json.load(open(f"{out}/pf2lora.json"))
+    base = AutoModelForSequenceClassification.from_pretrained(
+        info["base_model"], num_labels=info["num_labels"]
+    )
+    model = PeftModel.from_pretrained(base, out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    logits = model(**tokenizer("a gorgeous film", return_tensors="pt")).logits
+    print(info["labels"][int(logits.argmax(-1))])
+
+(``AutoModelForCausalLM`` for ``task_type: CAUSAL_LM``; pass ``gguf_file=info["gguf_file"]``
+when it is set.) Or from the command line: ``pf2lora export RUN --client 3 --to OUT``
+then ``pf2lora predict OUT --text "a gorgeous film"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pf2lora_ray.algorithms import ALGORITHMS
+from pf2lora_ray.algorithms.base import Algorithm, Partition, RoundContext, Tensors
+from pf2lora_ray.checkpoint import CheckpointError, load_checkpoint
+from pf2lora_ray.client import Arrays, build_adapted_model
+from pf2lora_ray.config import Config, load_config
+from pf2lora_ray.experiment import UsageError
+from pf2lora_ray.lora import SHARED_FACTORS, TwoLevelLoRALinear, factor_names, lora_layers
+from pf2lora_ray.results import run_id_for
+from pf2lora_ray.tasks import Task, task_for
+
+INFO_FILE = "pf2lora.json"
+BASE_DIR = "base_model"
+PREFIX = "base_model.model."  # PEFT's key prefix (adapter name stripped)
+
+
+# ------------------------------------------------------------------ reading a run
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, int, Arrays, dict[int, Arrays]]:
+    """(config, round, theta, personal) of a run folder's latest checkpoint.
+
+    Raises:
+        UsageError: ``run_dir`` is not a run folder (no config.yaml).
+        CheckpointError: it holds no (readable) checkpoint.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        runs = sorted(p.parent.name for p in run_dir.glob("*/config.yaml"))
+        hint = f"; it holds the runs {runs}, pass one of those folders" if runs else ""
+        raise UsageError(f"{run_dir}: not a run folder (no config.yaml){hint}")
+    cfg = load_config(run_dir / "config.yaml")
+    if not (run_dir / "checkpoints" / "latest.json").is_file():
+        raise CheckpointError(
+            f"{run_dir}: no checkpoint (checkpoints/latest.json missing); export needs a run "
+            "that finished, or one with checkpoint.every > 0 that completed a checkpointed round"
+        )
+    round_, theta, personal = load_checkpoint(run_dir, cfg)
+    return cfg, round_, theta, personal
+
+
+def _tensors(arrays: Arrays) -> Tensors:
+    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+
+
+def check_client(cfg: Config, client: int) -> None:
+    """Raise UsageError unless ``client`` is one of the run's clients."""
+    n = cfg.fed.num_clients
+    if not 0 <= client < n:
+        raise UsageError(f"--client {client}: the run has clients 0..{n - 1} (fed.num_clients={n})")
+
+
+def client_params(
+    cfg: Config,
+    task: Task,
+    algorithm: Algorithm,
+    model: nn.Module,
+    roles: Partition,
+    round_: int,
+    theta: Arrays,
+    personal: dict[int, Arrays],
+    client: int,
+    shared_only: bool = False,
+) -> Tensors:
+    """Name-keyed model parameters of client ``client``'s model (or of the global one).
+
+    Personalized: ``algorithm.eval_params`` of (theta, phi_k) with the context of
+    the checkpoint's round, i.e. the parameters its evaluation used. Shared-only:
+    theta; a head the algorithm keeps personal comes from ``client``'s phi, since
+    there is no global head. Entries that are not model parameters (algorithm
+    state such as HetLoRA's rank) are dropped.
+
+    Raises:
+        UsageError: the client is out of range, or ``shared_only`` for an
+            algorithm that keeps LoRA factors personal (no global adapter).
+        CheckpointError: the checkpoint lacks the client's personal state.
+    """
+    check_client(cfg, client)
+    names = dict(model.named_parameters())
+    phi = _tensors(personal.get(client, {}))
+    missing = [k for k in roles.personal if k not in phi]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint has no personal state {missing[:3]} for client {client}; "
+            f"its clients are {sorted(personal)}"
+        )
+    if shared_only:
+        lora = factor_names(model, SHARED_FACTORS)
+        kept = [k for k in lora if k not in theta]
+        if kept:
+            raise UsageError(
+                f"--shared-only: algorithm {cfg.algorithm.name} keeps {kept[0]} (and "
+                f"{len(kept) - 1} more LoRA factors) personal, so there is no global adapter; "
+                "export a client's personalized adapter instead"
+            )
+        head = set(task.head_names(model))
+        params = {**{k: v for k, v in phi.items() if k in head}, **_tensors(theta)}
+    else:
+        data = task.client_data([client])[client]
+        ctx = RoundContext(cfg.seed, round_, client)
+        with torch.enable_grad():  # Per-FedAvg / HOMLoRA-FT take gradient steps here
+            params = algorithm.eval_params(task, model, _tensors(theta), phi, data, ctx)
+    return {k: v.detach() for k, v in params.items() if k in names}
+
+
+# ------------------------------------------------------------------ PEFT tensors
+
+
+def peft_state(
+    model: nn.Module, params: Tensors, head: list[str], shared_only: bool = False
+) -> tuple[Tensors, int]:
+    """(PEFT adapter tensors, LoRA rank) for ``params`` on the two-level ``model``.
+
+    Each layer gives ``lora_A = [A; C]`` and ``lora_B = [s B, s~ D]`` (A, B only
+    when ``shared_only``); factors absent from ``params`` keep the model's own
+    values, as ``functional_call(model, params, strict=False)`` would. Head
+    parameters are stored under their own names (PEFT's modules_to_save keys).
+    """
+    current = dict(model.named_parameters())
+    out: Tensors = {}
+    ranks = set()
+    for layer, mod in lora_layers(model).items():
+
+        def factor(f: str, layer: str = layer) -> torch.Tensor:
+            return params.get(f"{layer}.{f}", current[f"{layer}.{f}"]).detach()
+
+        a, b = factor("lora_A"), factor("lora_B") * mod.scaling
+        if mod.r_personal and not shared_only:
+            a = torch.cat([a, factor("lora_C")], dim=0)  # ((r + r~), n)
+            b = torch.cat([b, factor("lora_D") * mod.scaling_personal], dim=1)  # (m, r + r~)
+        out[f"{PREFIX}{layer}.lora_A.weight"] = a.contiguous()
+        out[f"{PREFIX}{layer}.lora_B.weight"] = b.contiguous()
+        ranks.add(a.shape[0])
+    if len(ranks) != 1:
+        raise ValueError(f"adapted layers have different ranks {sorted(ranks)}; expected one")
+    for name in head:
+        out[f"{PREFIX}{name}"] = params.get(name, current[name]).detach().contiguous()
+    return out, ranks.pop()
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT task type of a transformers model: SEQ_CLS, CAUSAL_LM, or None (other modules)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    cls = type(model).__name__
+    if cls in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
+        return "SEQ_CLS"
+    if cls in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return "CAUSAL_LM"
+    return None
+
+
+def _is_conv1d(mod: TwoLevelLoRALinear) -> bool:
+    return type(mod.base).__name__ == "Conv1D"
+
+
+def label_names(task: Task, model: nn.Module) -> list[str] | None:
+    """Class names in label-id order: the task's ``label_names`` (GLUE tasks keep them on
+    their ``spec``), else the model config's id2label; None without a classifier."""
+    names = getattr(task, "label_names", None) or getattr(
+        getattr(task, "spec", None), "label_names", None
+    )
+    if names:
+        return [str(n) for n in names]
+    if peft_task_type(model) != "SEQ_CLS" or model.config.num_labels < 2:
+        return None
+    return [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+
+
+# ------------------------------------------------------------------ export
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--to {out}: already exists and is not an empty folder; choose a new one")
+
+
+def _base_reference(model: nn.Module, base_model: str | Path | None) -> str | None:
+    """Where ``from_pretrained`` finds the base: given path, the model's own name or path.
+
+    None when the model was built in code (no name) or is not a transformers model.
+    """
+    if base_model is not None:
+        path = Path(base_model)
+        return str(path.resolve()) if path.exists() else str(base_model)
+    return getattr(getattr(model, "config", None), "name_or_path", None) or None
+
+
+def export_peft(
+    run_dir: str | Path,
+    client: int,
+    to: str | Path,
+    shared_only: bool = False,
+    base_model: str | Path | None = None,
+) -> Path:
+    """Write client ``client``'s personalized model of a run as a PEFT LoRA adapter.
+
+    Args:
+        run_dir: a run folder (config.yaml + checkpoints/); the latest checkpoint is used.
+        client: the client id, in [0, fed.num_clients).
+        to: the export folder; must not exist or be empty.
+        shared_only: export the global adapter theta alone (rank r).
+        base_model: folder or hub name to record as ``base_model_name_or_path``
+            (must hold the run's frozen base weights). Default: the model's own
+            name or path; a model built in code (tiny-*) is saved into
+            ``to/base_model`` and that folder is recorded.
+
+    Returns:
+        The export folder.
+
+    Raises:
+        UsageError, CheckpointError: bad run folder, client or output folder (named).
+    """
+    from peft import LoraConfig
+
+    out = Path(to).resolve()
+    cfg, round_, theta, personal = load_run(run_dir)
+    check_client(cfg, client)
+    _check_out(out)
+    algorithm = ALGORITHMS[cfg.algorithm.name](cfg)
+    task = task_for(cfg)
+    model = build_adapted_model(cfg, task, algorithm)
+    head = task.head_names(model)
+    roles = algorithm.partition(model, head)
+    params = client_params(
+        cfg, task, algorithm, model, roles, round_, theta, personal, client, shared_only
+    )
+    tensors, rank = peft_state(model, params, head, shared_only)
+    layers = lora_layers(model)
+    base_ref = _base_reference(model, base_model)
+    is_hf = hasattr(model, "save_pretrained")
+    save_base = is_hf and base_ref is None
+    if save_base:
+        base_ref = str(out / BASE_DIR)
+    config = LoraConfig(
+        task_type=peft_task_type(model),
+        r=rank,
+        lora_alpha=rank,  # PEFT scales by lora_alpha / r = 1: the scales are in lora_B
+        lora_dropout=0.0,
+        target_modules=sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        fan_in_fan_out=any(_is_conv1d(m) for m in layers.values()),
+        modules_to_save=sorted({n.rsplit(".", 1)[0] for n in head}) or None,
+        bias="none",
+        base_model_name_or_path=base_ref,
+        inference_mode=True,
+    )
+    labels = label_names(task, model)
+    info = {
+        "run_id": run_id_for(cfg),
+        "run_dir": str(Path(run_dir).resolve()),
+        "client": None if shared_only else client,
+        "shared_only": shared_only,
+        "round": round_,
+        "algorithm": cfg.algorithm.name,
+        "model": cfg.model.name,
+        "base_model": base_ref,
+        "gguf_file": cfg.model.gguf_file if base_model is None else None,
+        "dtype": cfg.model.dtype,
+        "task_type": config.task_type,
+        "data": cfg.data.name,
+        "task": cfg.data.task,
+        "labels": labels,
+        "num_labels": model.config.num_labels if config.task_type == "SEQ_CLS" else None,
+        "max_length": cfg.data.max_length,
+        "rank": rank,
+        "folded": "lora_A = [A; C_k], lora_B = [s*B, s~*D_k], lora_alpha = r",
+    }
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write(tmp, config, tensors, info)
+        if is_hf:
+            _save_tokenizer(cfg, tmp)
+        if save_base:
+            torch.manual_seed(cfg.seed)  # the same frozen weights build_adapted_model drew
+            task.build_model().save_pretrained(tmp / BASE_DIR)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write(folder: Path, config: Any, tensors: Tensors, info: dict) -> None:
+    from safetensors.torch import save_file
+
+    config.save_pretrained(str(folder))
+    save_file(dict(sorted(tensors.items())), str(folder / "adapter_model.safetensors"))
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _save_tokenizer(cfg: Config, folder: Path) -> None:
+    from pf2lora_ray.models import load_tokenizer
+
+    load_tokenizer(cfg.model).save_pretrained(str(folder))
+
+
+# ------------------------------------------------------------------ predict
+
+
+def load_export(adapter_dir: str | Path) -> tuple[nn.Module, Any, dict]:
+    """(PeftModel in eval mode, tokenizer, pf2lora.json) of an export folder.
+
+    Raises:
+        UsageError: not an export folder, or an export whose base is not a
+            transformers model (synthetic; load it onto your module with
+            ``PeftModel.from_pretrained(module, OUT)``).
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(adapter_dir)
+    if not (folder / INFO_FILE).is_file() or not (folder / "adapter_config.json").is_file():
+        raise UsageError(
+            f"{folder}: not a pf2lora export (needs {INFO_FILE} and adapter_config.json); "
+            "write one with `pf2lora export RUN --client K --to OUT`"
+        )
+    info = json.loads((folder / INFO_FILE).read_text())
+    autos = {"SEQ_CLS": AutoModelForSequenceClassification, "CAUSAL_LM": AutoModelForCausalLM}
+    if info["task_type"] not in autos:
+        raise UsageError(
+            f"{folder}: model {info['model']!r} is not a transformers text model, so there is "
+            "nothing to predict from text; load the adapter onto your own module with "
+            "peft.PeftModel.from_pretrained(module, OUT)"
+        )
+    # A moved export keeps its saved base model beside the adapter.
+    base = folder / BASE_DIR if (folder / BASE_DIR).is_dir() else info["base_model"]
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, info["dtype"])}
+    if info.get("gguf_file"):
+        kwargs["gguf_file"] = info["gguf_file"]
+    if info["task_type"] == "SEQ_CLS" and info.get("num_labels"):
+        kwargs["num_labels"] = info["num_labels"]
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = _load_base(autos[info["task_type"]], str(base), kwargs, folder)
+    if model.config.pad_token_id is None:
+        # As models.load_model: GPT-2/Llama classifiers pool the last non-pad token.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return PeftModel.from_pretrained(model, str(folder)).eval(), tokenizer, info
+
+
+def _load_base(auto: Any, base: str, kwargs: dict[str, Any], folder: Path) -> nn.Module:
+    """The base model; every weight must come from ``base`` except the adapter's head.
+
+    transformers' load report would call the head "newly initialized" although
+    the adapter restores it, so the report is muted for this one call and the
+    missing weights are checked here instead.
+    """
+    from peft import LoraConfig
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, loading = auto.from_pretrained(base, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    restored = tuple(f"{m}." for m in LoraConfig.from_pretrained(str(folder)).modules_to_save or ())
+    missing = sorted(k for k in loading["missing_keys"] if not k.startswith(restored))
+    if missing:
+        raise UsageError(
+            f"{base}: base model lacks {len(missing)} weights ({', '.join(missing[:3])}...), so "
+            "it is not the run's base model; export again with the right base_model"
+        )
+    return model
+
+
+@torch.no_grad()
+def predict(adapter_dir: str | Path, text: str, max_new_tokens: int = 32) -> str:
+    """Run an export on ``text``: the label and class probabilities, or generated text.
+
+    Classification gives ``label  (name p, name p, ...)``; a one-output
+    regression head gives ``score x``; a causal LM gives its greedy
+    continuation of ``text`` (up to ``max_new_tokens`` tokens).
+    """
+    return predict_many(adapter_dir, [text], max_new_tokens)[0]
+
+
+@torch.no_grad()
+def predict_many(
+    adapter_dir: str | Path, texts: Sequence[str], max_new_tokens: int = 32
+) -> list[str]:
+    """:func:`predict` for several texts, loading the model once."""
+    model, tokenizer, info = load_export(adapter_dir)
+    return [_predict_one(model, tokenizer, info, t, max_new_tokens) for t in texts]
+
+
+def _predict_one(model: nn.Module, tokenizer: Any, info: dict, text: str, max_new: int) -> str:
+    enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=info["max_length"])
+    if info["task_type"] == "CAUSAL_LM":
+        ids = model.generate(
+            **enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        return tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    logits = model(**enc).logits[0].float()  # (num_labels,)
+    if logits.numel() == 1:
+        return f"score {float(logits[0]):.4f}"
+    probs = torch.softmax(logits, -1).tolist()
+    labels = info.get("labels") or [str(i) for i in range(len(probs))]
+    detail = ", ".join(f"{name} {p:.3f}" for name, p in zip(labels, probs, strict=True))
+    return f"{labels[int(np.argmax(probs))]}  ({detail})"

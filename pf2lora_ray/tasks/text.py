@@ -1,0 +1,180 @@
+"""Helpers shared by the text tasks: reading data files, client splits, padding.
+
+- :func:`find_split_file` / :func:`read_table`: a split of a local dataset
+  (TSV/CSV/JSON/Parquet) read with Hugging Face ``datasets`` (its packaged
+  ``csv``/``json``/``parquet`` builders work offline).
+- :func:`client_indices`: the partition of a split over all ``fed.num_clients``
+  clients (:mod:`pf2lora_ray.data.partition`), then each client's own 80/20
+  train/test split and deterministic subsampling. Every host computes the same
+  partition, so results do not depend on which host serves which client.
+- :class:`Examples` and :func:`pad`: tokenized rows kept as lists of token ids,
+  padded per batch to the longest row (dynamic padding).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pf2lora_ray.config import Config
+from pf2lora_ray.data.partition import partition, split_train_test
+from pf2lora_ray.tasks.base import Batch, DataError
+
+FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+# Streams of default_rng([seed, client, stream]) for subsampling; distinct from
+# the partition's and the test split's streams.
+_TRAIN_SUBSAMPLE, _TEST_SUBSAMPLE = 0x5B51, 0x5B52
+
+
+def find_split_file(path: str | Path, split: str, fmt: str | None = None) -> Path:
+    """The file holding ``split`` under ``path`` (a file, or a folder with ``<split>.<ext>``).
+
+    Raises:
+        DataError: the path does not exist, or the folder has no file for the split.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise DataError(f"data.path: {p} does not exist; point it at a data folder or file")
+    exts = [e for e, f in FORMATS.items() if fmt is None or f == fmt]
+    for ext in exts:
+        if (p / f"{split}{ext}").is_file():
+            return p / f"{split}{ext}"
+    raise DataError(
+        f"data.path: {p} has no {split} file; expected one of "
+        f"{[f'{split}{e}' for e in exts]} (choose the split with data.split)"
+    )
+
+
+def header_fields(file: Path) -> list[str]:
+    """Fields of a TSV/CSV file's first line (to detect a missing header)."""
+    with open(file, newline="", encoding="utf-8") as f:
+        first = f.readline().rstrip("\r\n")
+    return first.split("\t" if file.suffix == ".tsv" else ",")
+
+
+def read_table(file: Path, column_names: Sequence[str] | None = None) -> Any:
+    """A ``datasets.Dataset`` of ``file`` (TSV/CSV/JSON/JSONL/Parquet), held in memory.
+
+    TSV files are read with quoting off (``csv.QUOTE_NONE``) because GLUE TSVs
+    contain unbalanced quote characters. ``column_names`` gives the names of a
+    headerless TSV/CSV (CoLA).
+
+    Raises:
+        DataError: the file cannot be parsed (the message names it).
+    """
+    import datasets
+
+    builder = FORMATS.get(file.suffix)
+    if builder is None:
+        raise DataError(f"{file}: unknown file type {file.suffix!r}; use one of {sorted(FORMATS)}")
+    kwargs: dict[str, Any] = {}
+    if file.suffix == ".tsv":
+        kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    if column_names is not None:
+        kwargs["column_names"] = list(column_names)
+    try:
+        return datasets.load_dataset(
+            builder, data_files={"data": str(file)}, split="data", keep_in_memory=True, **kwargs
+        )
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
+        raise DataError(f"{file}: cannot read it as {builder}: {err}") from err
+
+
+def subsample(idx: np.ndarray, limit: int, seed: int, client: int, stream: int) -> np.ndarray:
+    """At most ``limit`` of ``idx`` (0 = all), drawn from (seed, client, stream), sorted."""
+    if limit <= 0 or idx.size <= limit:
+        return idx
+    rng = np.random.default_rng([seed, client, stream])
+    return np.sort(rng.choice(idx, size=limit, replace=False))
+
+
+def client_indices(
+    cfg: Config,
+    num_examples: int,
+    client_ids: Sequence[int],
+    labels: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """(train, test) example indices of each client in ``client_ids``.
+
+    The partition (``data.partition``, ``data.alpha``, ``data.similarity``,
+    ``data.quantity_sigma``) covers all ``fed.num_clients`` clients; each client's
+    share is split ``1 - data.test_fraction`` / ``data.test_fraction``, then cut to
+    ``data.max_train_per_client`` / ``data.max_test_per_client`` rows.
+
+    Raises:
+        PartitionError: a client would be empty or too small to split (names it).
+    """
+    d = cfg.data
+    parts = partition(
+        num_examples,
+        cfg.fed.num_clients,
+        d.partition,
+        labels=labels,
+        seed=cfg.seed,
+        alpha=d.alpha,
+        similarity=d.similarity,
+        quantity_sigma=d.quantity_sigma,
+        groups=groups,
+    )
+    out = {}
+    for k in client_ids:
+        train, test = split_train_test(parts[k], d.test_fraction, cfg.seed, k)
+        out[k] = (
+            subsample(train, d.max_train_per_client, cfg.seed, k, _TRAIN_SUBSAMPLE),
+            subsample(test, d.max_test_per_client, cfg.seed, k, _TEST_SUBSAMPLE),
+        )
+    return out
+
+
+@dataclass
+class Examples:
+    """Tokenized rows of one client split.
+
+    ``rows[i]`` maps model input names (``input_ids``, ``attention_mask``,
+    ``token_type_ids``; ``labels`` for causal LM rows) to token-id lists.
+    ``targets`` holds class ids or scores (classification/regression), and
+    ``extra`` anything a task keeps per row (prompts and references for generation).
+    """
+
+    rows: list[dict[str, list[int]]]
+    targets: np.ndarray | None = None
+    extra: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+_PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "labels": -100}
+
+
+def pad(rows: Sequence[dict[str, list[int]]], pad_id: int, side: str = "right") -> Batch:
+    """Pad each key of ``rows`` to the longest row: (batch, seq) int64 tensors.
+
+    ``input_ids`` pad with ``pad_id``, ``labels`` with -100 (ignored by the loss),
+    masks and token types with 0. ``side="left"`` is for batched generation.
+    """
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {}
+    for key in rows[0]:
+        value = pad_id if key == "input_ids" else _PAD_VALUES.get(key, 0)
+        padded = []
+        for r in rows:
+            fill = [value] * (width - len(r[key]))
+            padded.append(fill + r[key] if side == "left" else r[key] + fill)
+        out[key] = torch.tensor(padded, dtype=torch.long)
+    return out
+
+
+def param_device(params: dict[str, torch.Tensor]) -> torch.device:
+    """Device of the substituted parameters (where batches must go)."""
+    return next(iter(params.values())).device if params else torch.device("cpu")
