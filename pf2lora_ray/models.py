@@ -180,6 +180,10 @@ def model_family(cfg: ModelConfig) -> str:
     """``config.model_type`` of the model (reads only its config, not its weights)."""
     if cfg.name in TINY_FAMILIES:
         return TINY_FAMILIES[cfg.name]
+    if cfg.name == "smollm2" and cfg.gguf_file is None:
+        # Reading a GGUF config parses the whole file (~15 s); this one is known.
+        smollm2_path()
+        return "llama"
     name, gguf = resolve(cfg)
     with _naming(cfg):
         return AutoConfig.from_pretrained(name, gguf_file=gguf).model_type

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -169,3 +170,20 @@ def test_tiny_gpt2_generation_run_reports_bleu_and_rouge(tmp_path):
     assert test[test.metric == "rouge_l"].value.between(0, 1).all()
     loss = df[df.metric == "train_loss.mean"].sort_values("round").value.to_numpy()
     assert loss[-1] < loss[0]
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(
+    importlib.util.find_spec("pf2lora_ray.runtime.ray_backend") is None, reason="no Ray backend yet"
+)
+def test_tiny_generation_on_ray_matches_local(tmp_path):
+    folder = write_webnlg(tmp_path / "data", per_category=4)
+    extra = {"fed.rounds": 1, "fed.local_steps": 2, "data.max_new_tokens": 6}
+    frames = []
+    for backend in ("local", "ray"):
+        run_experiment(cfg_for(folder, **extra, **{"runtime.backend": backend}), tmp_path / backend)
+        frames.append(pd.read_parquet(tmp_path / backend / "metrics.parquet"))
+    key = ["round", "client_id", "split", "metric"]
+    merged = frames[0].merge(frames[1], on=key, suffixes=("_local", "_ray"))
+    assert len(merged) == len(frames[0]) > 0
+    np.testing.assert_allclose(merged.value_local, merged.value_ray, rtol=1e-4, atol=1e-5)
