@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from pf2lora_ray.client import Arrays, ClientHost, EvalResult, TrainResult, peak_rss_mb, rss_mb
 from pf2lora_ray.config import Config
 
@@ -17,6 +19,8 @@ class LocalBackend:
     num_actors = 0
 
     def __init__(self, cfg: Config) -> None:
+        if cfg.runtime.threads_per_actor:  # same knob as a Ray actor's torch threads
+            torch.set_num_threads(cfg.runtime.threads_per_actor)
         self.host = ClientHost(cfg, range(cfg.fed.num_clients))
 
     def initial_shared(self) -> Arrays:
