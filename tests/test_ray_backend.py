@@ -143,7 +143,16 @@ def test_restarted_actor_refuses_to_train_until_its_state_is_restored(reference)
         wait_until_alive(backend.actors[1])
         # The actor itself refuses; RayBackend.train would restore it (test_faults_ray.py).
         with pytest.raises(ActorStateLost, match=r"clients 5\.\.9 was restarted"):
-            ray.get(backend.actors[1].train.remote(theta, 2, [9]))
+            # ray.kill is asynchronous: a call may still reach the restarting actor.
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    ray.get(backend.actors[1].train.remote(theta, 2, [9]))
+                    break
+                except ray.exceptions.ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
         backend.set_personal({k: v for k, v in saved.items() if k >= 5})
         assert backend.get_personal()[9].keys() == saved[9].keys()
         for name, value in saved[9].items():
