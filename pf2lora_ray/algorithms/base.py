@@ -150,14 +150,12 @@ class Algorithm:
         data: ClientData,
         ctx: RoundContext,
     ) -> Local:
-        """``fed.local_steps`` AdamW steps on theta and phi together (plain local training)."""
-        params = {**theta, **phi}
-        trainable = sorted(params)
-        stream = self.batches(task, data, ctx)
-        opt = AdamW(self.cfg.algorithm.lr, self.cfg.algorithm.weight_decay)
-        for _ in range(self.cfg.fed.local_steps):
-            loss, grads = loss_and_grads(task, model, params, trainable, next(stream))
-            params = opt.step(params, grads)
+        """``fed.local_steps`` AdamW steps on :meth:`trainable_names` (plain local training)."""
+        trainable = self.trainable_names(Partition(sorted(theta), sorted(phi)))
+        loss, params = adamw_steps(
+            task, model, {**theta, **phi}, trainable, self.batches(task, data, ctx),
+            self.cfg.fed.local_steps, self.cfg.algorithm.lr, self.cfg.algorithm.weight_decay,
+        )
         return Local(
             {k: params[k] for k in theta}, {k: params[k] for k in phi}, {"train_loss": loss}
         )

@@ -14,18 +14,11 @@ product B A exactly, which is the paper's point.
 
 from __future__ import annotations
 
-from torch import nn
-
 from pf2lora_ray.algorithms.base import (
     Algorithm,
-    Local,
     Partition,
-    RoundContext,
-    Tensors,
-    adamw_steps,
     register,
 )
-from pf2lora_ray.tasks.base import ClientData, Task
 
 
 def frozen(name: str) -> bool:
@@ -42,27 +35,3 @@ class FFALoRA(Algorithm):
 
     def communicated_names(self, roles: Partition) -> list[str]:
         return [n for n in super().communicated_names(roles) if not frozen(n)]
-
-    def local_update(
-        self,
-        task: Task,
-        model: nn.Module,
-        theta: Tensors,
-        phi: Tensors,
-        data: ClientData,
-        ctx: RoundContext,
-    ) -> Local:
-        params = {**theta, **phi}
-        loss, params = adamw_steps(
-            task,
-            model,
-            params,
-            sorted(n for n in params if not frozen(n)),
-            self.batches(task, data, ctx),
-            self.cfg.fed.local_steps,
-            self.cfg.algorithm.lr,
-            self.cfg.algorithm.weight_decay,
-        )
-        return Local(
-            {k: params[k] for k in theta}, {k: params[k] for k in phi}, {"train_loss": loss}
-        )
