@@ -58,8 +58,14 @@ class ModelConfig:
 class AdapterConfig:
     """Two-level LoRA shape: shared rank ``r``, personal rank ``r_personal``.
 
-    ``alpha_personal`` defaults to ``alpha`` so that s = alpha/r and
-    s~ = alpha~/r~ scale both levels alike (PF2LORA.md, Model).
+    s = alpha / r and s~ = alpha_personal / r_personal. ``alpha_personal``
+    defaults to ``alpha * r_personal / r``, so s~ = s: the paper's equation
+    scales both levels alike (PF2LORA.md, Model). A larger value amplifies the
+    personal level and is an option, not the default.
+
+    ``init`` draws A and C_k: ``gaussian`` (the paper's Algorithm 1; std 1/r as
+    in PEFT's ``init_lora_weights="gaussian"``) or ``kaiming`` (LoRA's
+    Kaiming-uniform). B and D_k always start at zero.
     ``targets`` are module-name suffixes; empty means the family default.
     """
 
@@ -67,6 +73,7 @@ class AdapterConfig:
     r_personal: int = 2
     alpha: float = 16.0
     alpha_personal: float | None = None
+    init: Literal["gaussian", "kaiming"] = "gaussian"
     targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -75,6 +82,13 @@ class AdapterConfig:
         _check(self.alpha > 0, "adapter.alpha", f"must be > 0, got {self.alpha}")
         if self.alpha_personal is not None:
             _check(self.alpha_personal > 0, "adapter.alpha_personal", "must be > 0")
+
+    @property
+    def effective_alpha_personal(self) -> float:
+        """alpha~ in effect: ``alpha_personal``, else ``alpha * r_personal / r`` (s~ = s)."""
+        if self.alpha_personal is not None:
+            return self.alpha_personal
+        return self.alpha * self.r_personal / self.r
 
 
 @dataclass(frozen=True)
@@ -146,7 +160,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class FedConfig:
-    """Federation: how many clients, how many take part per round, how long."""
+    """Federation: how many clients, how many take part per round, how long.
+
+    ``weighting`` is p_k in the driver's mean of the sampled clients' updates:
+    ``uniform`` (1/M, the paper) or ``examples`` (n_k / sum n, FedAvg's).
+    """
 
     num_clients: int = 10
     clients_per_round: int = 10
@@ -154,6 +172,7 @@ class FedConfig:
     local_steps: int = 10
     eval_every: int = 5
     server_lr: float = 1.0
+    weighting: Literal["uniform", "examples"] = "uniform"
 
     def __post_init__(self) -> None:
         _check(self.num_clients > 0, "fed.num_clients", f"must be > 0, got {self.num_clients}")
@@ -190,22 +209,43 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True)
 class PF2LoRAConfig:
-    """PF2LoRA bilevel options (PF2LORA.md, Local round).
+    """PF2LoRA bilevel options (PF2LORA.md, "What the paper prints", Algorithm 1).
 
-    ``lr_lower`` is beta, the lower-level SGD step on the personal factors.
-    The default 0.1 (with alpha~ = alpha) was chosen so that D_k leaves zero;
-    tune it like any learning rate.
+    - ``hypergrad``: ``unrolled`` (the bilevel hypergradient) or ``first_order``
+      (grad_x F at the new y only: the "without bilevel" ablation).
+    - ``estimator``: ``paper`` draws four independent mini-batches pi, xi, xi~,
+      zeta per step and takes the mixed term at the old y on zeta in its own
+      pass; ``shared_batches`` reuses one lower batch and one upper batch and
+      differentiates through the lower step in one graph (the first version).
+    - ``hvp``: how ``paper`` computes grad2_xy F(x, y; zeta) @ v: ``autograd``
+      (double backward) or ``finite_difference`` (central difference of
+      grad_x F at y +- eps v, eps = ``fd_eps`` / ||v||).
+    - ``lr_lower`` is beta, the lower-level SGD step; tune it like any rate.
+    - ``upper_state``: ``reset`` starts the upper AdamW moments afresh each
+      round; ``persist`` keeps each client's moments for A, B (and a shared
+      head) in its personal state, 2x the shared parameters per client.
     """
 
     hypergrad: Literal["unrolled", "first_order"] = "unrolled"
+    estimator: Literal["paper", "shared_batches"] = "paper"
+    hvp: Literal["autograd", "finite_difference"] = "autograd"
+    fd_eps: float = 1e-3
     lr_lower: float = 0.1
     lower_steps: int = 1
     reg_lambda: float = 0.0
+    upper_state: Literal["reset", "persist"] = "reset"
 
     def __post_init__(self) -> None:
         _check(self.lr_lower >= 0, "pf2lora.lr_lower", f"must be >= 0, got {self.lr_lower}")
         _check(self.lower_steps >= 1, "pf2lora.lower_steps", "must be >= 1")
         _check(self.reg_lambda >= 0, "pf2lora.reg_lambda", "must be >= 0")
+        _check(self.fd_eps > 0, "pf2lora.fd_eps", f"must be > 0, got {self.fd_eps}")
+        _check(
+            self.estimator == "shared_batches" or self.lower_steps == 1,
+            "pf2lora.lower_steps",
+            "the paper estimator takes one lower step (Algorithm 1); use "
+            "pf2lora.estimator=shared_batches for J > 1",
+        )
 
 
 @dataclass(frozen=True)
