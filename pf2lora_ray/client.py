@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 import torch
 
+from pf2lora_ray import seeds
 from pf2lora_ray.algorithms import ALGORITHMS
 from pf2lora_ray.algorithms.base import RoundContext, Tensors
 from pf2lora_ray.config import Config
@@ -74,7 +75,7 @@ def build_adapted_model(cfg: Config, task, algorithm) -> torch.nn.Module:
     The global torch seed is fixed first so a randomly initialised task head is
     the same in every process that builds the model.
     """
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seeds.derive(cfg.seed, seeds.MODEL_INIT))
     model = task.build_model()
     r, r_personal = algorithm.ranks()
     targets = cfg.adapter.targets or DEFAULT_TARGETS.get(task.family, ())
@@ -113,14 +114,13 @@ class ClientHost:
     # ------------------------------------------------------------ state
     def initial_shared(self) -> Arrays:
         """theta_0: LoRA factors drawn from the run seed, head as built."""
-        gen = torch.Generator().manual_seed(self.cfg.seed)
+        gen = seeds.torch_generator(self.cfg.seed, seeds.SHARED_INIT)
         return _to_numpy(self._fresh(self.roles.shared, gen))
 
     def personal_state(self, client_id: int) -> Tensors:
         """phi_k, created from (seed, client) on first use."""
         if client_id not in self.personal:
-            seed = int(np.random.default_rng([self.cfg.seed, client_id, 0xFACE]).integers(2**62))
-            gen = torch.Generator().manual_seed(seed)
+            gen = seeds.torch_generator(self.cfg.seed, seeds.PERSONAL_INIT, client_id)
             fresh = self._fresh(self.roles.personal, gen)
             self.personal[client_id] = self.algorithm.init_personal(self.model, fresh, client_id)
         return self.personal[client_id]

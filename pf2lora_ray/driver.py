@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
+from pf2lora_ray import seeds
 from pf2lora_ray.algorithms import ALGORITHMS
 from pf2lora_ray.algorithms.base import Partition
 from pf2lora_ray.client import Arrays, EvalResult, TrainResult
@@ -59,7 +58,7 @@ def sample_clients(cfg: Config, round_: int) -> list[int]:
     n, m = cfg.fed.num_clients, cfg.fed.clients_per_round
     if m == n:
         return list(range(n))
-    rng = np.random.default_rng([cfg.seed, round_, 0x5A3B])
+    rng = seeds.rng(cfg.seed, seeds.CLIENT_SAMPLING, round_)
     return sorted(int(k) for k in rng.choice(n, size=m, replace=False))
 
 

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pf2lora_ray import seeds
 from pf2lora_ray.algorithms import ALGORITHMS
 from pf2lora_ray.algorithms.base import Algorithm, Partition, RoundContext, Tensors
 from pf2lora_ray.checkpoint import CheckpointError, load_checkpoint
@@ -335,7 +336,7 @@ def export_peft(
         if is_hf:
             _save_tokenizer(cfg, tmp)
         if save_base:
-            torch.manual_seed(cfg.seed)  # the same frozen weights build_adapted_model drew
+            torch.manual_seed(seeds.derive(cfg.seed, seeds.MODEL_INIT))  # as build_adapted_model
             task.build_model().save_pretrained(tmp / BASE_DIR)
         if out.exists():
             out.rmdir()  # empty, checked above

@@ -56,6 +56,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from pf2lora_ray import seeds
 from pf2lora_ray.config import (
     Config,
     ConfigError,
@@ -562,7 +563,10 @@ def _tuner(
             scheduler=scheduler,
             # The variant generator caps concurrency itself (Tune ignores max_concurrent_trials
             # next to one); a seeded one makes the sampled configs reproducible.
-            search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=limit),
+            search_alg=BasicVariantGenerator(
+                random_state=seeds.derive(cfg.seed, seeds.TUNE_SEARCH) % 2**32,
+                max_concurrent=limit,
+            ),
             num_samples=samples if space.search == "random" else 1,
         ),
         run_config=tune.RunConfig(

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pf2lora_ray import seeds
+
 if TYPE_CHECKING:
     from pf2lora_ray.config import Config
     from pf2lora_ray.tasks.base import Batch, ClientData, Params, Task
@@ -61,13 +63,22 @@ class RoundContext:
     round: int
     client_id: int
 
-    def rng(self, stream: int = 0) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.round, self.client_id, stream])
+    def rng(self, purpose: str | int = seeds.BATCHES, *ids: int) -> np.random.Generator:
+        """The stream (seed, purpose, round, client, *ids) (:mod:`pf2lora_ray.seeds`).
 
-    def torch_generator(self, stream: int = 0) -> torch.Generator:
-        g = torch.Generator()
-        g.manual_seed(int(self.rng(stream).integers(2**62)))
-        return g
+        ``purpose`` names what the draws are for (``"lower"``, ``"upper"``, ...);
+        an int is a numbered batch stream (``seeds.STREAM``).
+        """
+        return seeds.rng(self.seed, *self._name(purpose, ids))
+
+    def torch_generator(self, purpose: str | int = seeds.BATCHES, *ids: int) -> torch.Generator:
+        """A torch generator for the same stream as :meth:`rng`."""
+        return seeds.torch_generator(self.seed, *self._name(purpose, ids))
+
+    def _name(self, purpose: str | int, ids: tuple[int, ...]) -> tuple:
+        if isinstance(purpose, int):
+            purpose, ids = seeds.STREAM, (purpose, *ids)
+        return (purpose, self.round, self.client_id, *ids)
 
 
 class BatchStream:

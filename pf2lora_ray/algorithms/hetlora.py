@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pf2lora_ray import seeds
 from pf2lora_ray.algorithms.base import (
     AdamW,
     Algorithm,
@@ -60,7 +61,7 @@ STATE = (RANK, TAIL)
 
 def client_rank(seed: int, client_id: int, r_min: int, r_max: int) -> int:
     """Client k's initial rank, uniform in [r_min, r_max], from (seed, client) only."""
-    return int(np.random.default_rng([seed, client_id, 0x4E7]).integers(r_min, r_max + 1))
+    return int(seeds.rng(seed, seeds.HETLORA_RANK, client_id).integers(r_min, r_max + 1))
 
 
 def layers(names: list[str]) -> list[str]:

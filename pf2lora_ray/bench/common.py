@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pf2lora_ray import seeds
 from pf2lora_ray.driver import DriverState, RoundReport
 from pf2lora_ray.results import write_parquet
 
@@ -153,7 +154,7 @@ def write_sst2_like(folder: str | Path, rows: int, words: int = 12, seed: int = 
     label is 1 when positive words outnumber negative ones (ties broken by the
     first sentiment word), so the task is learnable but not trivial.
     """
-    rng = np.random.default_rng([seed, 0x5572])
+    rng = seeds.rng(seed, seeds.BENCH_DATA)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = ["sentence\tlabel"]

@@ -8,8 +8,8 @@ Contracts shared by every scheme:
 
 - the parts are disjoint, together cover `range(num_examples)`, and each is a
   sorted int64 array;
-- the result depends only on the arguments (all draws come from
-  `np.random.default_rng(seed)`);
+- the result depends only on the arguments (all draws come from the run seed's
+  `seeds.PARTITION` stream, see `pf2lora_ray.seeds`);
 - no client is empty: a split that would leave one empty raises
   `PartitionError` naming the client and what to change.
 """
@@ -21,10 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Third entropy word for split_train_test's generator, so that its stream never
-# coincides with partition's `default_rng(seed)` (SeedSequence pads short
-# entropy with zeros, so [seed] and [seed, 0] would give the same stream).
-_TEST_SPLIT_STREAM = 0x7E57
+from pf2lora_ray import seeds
 
 
 class PartitionError(ValueError):
@@ -224,7 +221,8 @@ def partition(
             (needs labels), "quantity" or "task" (needs groups).
         labels: One label per example (any sortable values); used by "dirichlet"
             and "label_sort", ignored otherwise.
-        seed: Seed of `np.random.default_rng`; equal arguments give equal parts.
+        seed: The run seed (draws come from its `seeds.PARTITION` stream); equal
+            arguments give equal parts.
         alpha: Dirichlet concentration, > 0 ("dirichlet").
         similarity: Fraction s in [0, 1] dealt IID ("label_sort").
         quantity_sigma: Log-normal sigma of client sizes, >= 0 ("quantity").
@@ -247,7 +245,7 @@ def partition(
         quantity_sigma=quantity_sigma,
     )
     registered = _validate(inputs, scheme)
-    parts = registered.split(inputs, np.random.default_rng(seed))
+    parts = registered.split(inputs, seeds.rng(seed, seeds.PARTITION))
     for client, part in enumerate(parts):
         if part.size == 0:
             raise PartitionError(
@@ -265,7 +263,7 @@ def split_train_test(
 
     The test part has round(test_fraction * n) examples, clamped to [1, n - 1]
     so that both parts are non-empty. The shuffle is drawn from
-    `default_rng([seed, client, _TEST_SPLIT_STREAM])`, so it depends only on
+    stream (seed, `seeds.TEST_SPLIT`, client), so it depends only on
     (seed, client), not on the order in which clients are split.
 
     Args:
@@ -290,7 +288,7 @@ def split_train_test(
             "non-empty train and test parts; it needs at least 2 (use fewer clients)"
         )
     num_test = min(max(round(test_fraction * indices.size), 1), indices.size - 1)
-    shuffled = np.random.default_rng([seed, client, _TEST_SPLIT_STREAM]).permutation(indices)
+    shuffled = seeds.rng(seed, seeds.TEST_SPLIT, client).permutation(indices)
     return np.sort(shuffled[num_test:]), np.sort(shuffled[:num_test])
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from pf2lora_ray import seeds
 from pf2lora_ray.config import Config
 from pf2lora_ray.tasks.base import Batch, ClientData, Params, register_task
 
@@ -59,7 +60,7 @@ class SyntheticTask:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.s = cfg.synthetic
-        rng = np.random.default_rng([cfg.seed, 0x5EED])
+        rng = seeds.rng(cfg.seed, seeds.SYNTHETIC_BASE)
         d, r0 = self.s.dim, self.s.common_rank
         self.w0 = rng.standard_normal((d, d)) / np.sqrt(d)
         # Common part U0 V0 with singular values signal * (1.0 .. 0.7).
@@ -73,7 +74,7 @@ class SyntheticTask:
     def client_update(self, client_id: int) -> np.ndarray:
         """dW_k* = U0 V0 + U_k V_k (dim x dim)."""
         q = self.s.personal_ranks[client_id % len(self.s.personal_ranks)]
-        rng = np.random.default_rng([self.cfg.seed, 0xC11E, client_id])
+        rng = seeds.rng(self.cfg.seed, seeds.SYNTHETIC_CLIENT, client_id)
         sig = self.s.signal * np.linspace(0.6, 0.4, q)
         own = _orthonormal(rng, self.s.dim, q) * sig @ _orthonormal(rng, self.s.dim, q).T
         return self.common + own
@@ -89,7 +90,7 @@ class SyntheticTask:
         out = {}
         dtype = getattr(torch, self.cfg.model.dtype)
         for k in client_ids:
-            rng = np.random.default_rng([self.cfg.seed, 0xDA7A, k])
+            rng = seeds.rng(self.cfg.seed, seeds.SYNTHETIC_DATA, k)
             w = self.w0 + self.client_update(k)
 
             def draw(n: int, w: np.ndarray = w, rng: np.random.Generator = rng) -> PairSplit:

@@ -22,16 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pf2lora_ray import seeds
 from pf2lora_ray.config import Config
 from pf2lora_ray.data.partition import partition, split_train_test
 from pf2lora_ray.tasks.base import Batch, DataError
 
 FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-# Streams of default_rng([seed, client, stream]) for subsampling; distinct from
-# the partition's and the test split's streams.
-_TRAIN_SUBSAMPLE, _TEST_SUBSAMPLE = 0x5B51, 0x5B52
-
 
 def find_split_file(path: str | Path, split: str, fmt: str | None = None) -> Path:
     """The file holding ``split`` under ``path`` (a file, or a folder with ``<split>.<ext>``).
@@ -89,11 +85,11 @@ def read_table(file: Path, column_names: Sequence[str] | None = None) -> Any:
         raise DataError(f"{file}: cannot read it as {builder}: {err}") from err
 
 
-def subsample(idx: np.ndarray, limit: int, seed: int, client: int, stream: int) -> np.ndarray:
-    """At most ``limit`` of ``idx`` (0 = all), drawn from (seed, client, stream), sorted."""
+def subsample(idx: np.ndarray, limit: int, seed: int, client: int, purpose: str) -> np.ndarray:
+    """At most ``limit`` of ``idx`` (0 = all), drawn from (seed, purpose, client), sorted."""
     if limit <= 0 or idx.size <= limit:
         return idx
-    rng = np.random.default_rng([seed, client, stream])
+    rng = seeds.rng(seed, purpose, client)
     return np.sort(rng.choice(idx, size=limit, replace=False))
 
 
@@ -130,8 +126,8 @@ def client_indices(
     for k in client_ids:
         train, test = split_train_test(parts[k], d.test_fraction, cfg.seed, k)
         out[k] = (
-            subsample(train, d.max_train_per_client, cfg.seed, k, _TRAIN_SUBSAMPLE),
-            subsample(test, d.max_test_per_client, cfg.seed, k, _TEST_SUBSAMPLE),
+            subsample(train, d.max_train_per_client, cfg.seed, k, seeds.SUBSAMPLE_TRAIN),
+            subsample(test, d.max_test_per_client, cfg.seed, k, seeds.SUBSAMPLE_TEST),
         )
     return out
 
