@@ -128,7 +128,7 @@ class ClientHost:
     def _fresh(self, names: list[str], gen: torch.Generator) -> Tensors:
         params = dict(self.model.named_parameters())
         lora = [n for n in names if n.rsplit(".", 1)[-1].startswith("lora_")]
-        out = init_factors(self.model, lora, gen)
+        out = init_factors(self.model, lora, gen, self.cfg.adapter.init)
         out.update({n: params[n].detach().clone() for n in names if n not in out})
         return {k: v.to(self.device) for k, v in sorted(out.items())}
 
@@ -212,6 +212,7 @@ class ClientHost:
                 {
                     "client_id": client_id,
                     "layer": layer,
+            metrics |= self.algorithm.diagnostics(self.task, self.model, params, self.data[k])
                     "energy_rank": energy_rank(s, self.cfg.rank.tau),
                     "threshold_rank": threshold_rank(s, self.cfg.rank.eps),
                     "singular_values": s.tolist(),

@@ -93,7 +93,7 @@ def run_rounds(
     try:
         for t in range(start_round, cfg.fed.rounds + 1):
             t0 = time.perf_counter()
-            clients = sample_clients(cfg, t)
+            clients = algorithm.configure_round(t, sample_clients(cfg, t))
             result = backend.train(state.theta, t, clients)
             state.theta = algorithm.aggregate(state.theta, result.summed, result.weight)
             evaluation = backend.evaluate(state.theta, t) if is_eval_round(cfg, t) else None

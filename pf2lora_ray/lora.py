@@ -5,8 +5,9 @@ For a frozen weight W0 (m x n) the adapted layer computes (PF2LORA.md, Model)::
     W_k = W0 + s * B @ A + s~ * D_k @ C_k,    s = alpha / r,  s~ = alpha~ / r~
 
 with A (r x n), B (m x r) shared across clients and C_k (r~ x n), D_k (m x r~)
-personal to client k. A and C start Kaiming-uniform as in LoRA, B and D start at
-zero, so a fresh adapter reproduces the base model exactly.
+personal to client k. A and C start random (``adapter.init``: Gaussian as in the
+paper, or Kaiming-uniform as in LoRA), B and D start at zero, so a fresh
+adapter reproduces the base model exactly.
 
 Parameters are registered under the names ``lora_A``, ``lora_B``, ``lora_C``,
 ``lora_D`` of the wrapping module, so a model's adapter state is the name-keyed
@@ -123,6 +124,8 @@ def inject_two_level_lora(
 ) -> list[str]:
     """Replace every module whose name ends with a target suffix by a two-level LoRA layer.
 
+    ``alpha_personal`` None gives s~ = s (alpha~ = alpha * r_personal / r).
+
     Freezes every parameter of ``model`` first (callers unfreeze a head if they
     train one). Returns the qualified names of the adapted modules, sorted.
 
@@ -130,7 +133,8 @@ def inject_two_level_lora(
         ValueError: when no module matches, naming the suffixes tried.
     """
     targets = tuple(targets)
-    alpha_personal = alpha if alpha_personal is None else alpha_personal
+    if alpha_personal is None:  # s~ = s (PF2LORA.md, Model)
+        alpha_personal = alpha * r_personal / r
     for p in model.parameters():
         p.requires_grad_(False)
     matches = [
@@ -165,19 +169,46 @@ def factor_names(model: nn.Module, factors: Iterable[str]) -> list[str]:
     )
 
 
-def init_factors(
-    model: nn.Module, names: Iterable[str], generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """Fresh values for the named LoRA factors: A/C Kaiming-uniform, B/D zero.
+def gaussian_(
+    t: torch.Tensor, std: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``t ~ N(0, std^2)`` drawn in float64 from ``generator`` (same values on every device)."""
+    if t.numel() == 0:
+        return t
+    with torch.no_grad():
+        t.copy_(torch.randn(t.shape, generator=generator, dtype=torch.float64) * std)
+    return t
 
+
+INITS = ("gaussian", "kaiming")
+
+
+def init_factors(
+    model: nn.Module,
+    names: Iterable[str],
+    generator: torch.Generator,
+    init: str = "gaussian",
+) -> dict[str, torch.Tensor]:
+    """Fresh values for the named LoRA factors: A/C random, B/D zero.
+
+    ``init="gaussian"`` (the paper's Algorithm 1) draws A and C from N(0, 1/r^2)
+    with r the layer's shared rank, as PEFT's ``init_lora_weights="gaussian"``
+    does for A; C uses the same std so that, with s~ = s, both levels start
+    alike per unit parameter. ``init="kaiming"`` is LoRA's Kaiming-uniform(a=sqrt(5)).
     Draws in sorted name order from ``generator`` so the result depends only on
     the generator's seed, never on which process computes it.
     """
+    if init not in INITS:
+        raise ValueError(f"adapter.init: must be one of {list(INITS)}, got {init!r}")
     params = dict(model.named_parameters())
+    layers = lora_layers(model)
     out: dict[str, torch.Tensor] = {}
     for name in sorted(names):
         t = torch.zeros_like(params[name])
         if name.endswith(("lora_A", "lora_C")):
-            kaiming_uniform_(t, generator)
+            if init == "gaussian":
+                gaussian_(t, 1.0 / layers[name.rsplit(".", 1)[0]].r, generator)
+            else:
+                kaiming_uniform_(t, generator)
         out[name] = t
     return out

@@ -15,13 +15,20 @@ def factored_singular_values(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     U, V = U.detach().to(torch.float64), V.detach().to(torch.float64)
     if U.shape[1] == 0:
         return torch.zeros(0, dtype=torch.float64)
+    if not (torch.isfinite(U).all() and torch.isfinite(V).all()):  # a diverged run: no rank
+        return torch.full((U.shape[1],), float("nan"), dtype=torch.float64)
     _, r_u = torch.linalg.qr(U)  # (k, k) when m >= k
     _, r_v = torch.linalg.qr(V.T)  # (k, k) when n >= k
     return torch.linalg.svdvals(r_u @ r_v.T)
 
 
-def energy_rank(s: torch.Tensor, tau: float = 0.99) -> int:
-    """Smallest j with sum_{i<=j} s_i^2 >= tau * sum_i s_i^2 (0 for a zero matrix)."""
+def energy_rank(s: torch.Tensor, tau: float = 0.99) -> int | None:
+    """Smallest j with sum_{i<=j} s_i^2 >= tau * sum_i s_i^2 (0 for a zero matrix).
+
+    None when ``s`` is not finite (the update diverged).
+    """
+    if not torch.isfinite(s).all():
+        return None
     e = s.to(torch.float64) ** 2
     total = e.sum()
     if total <= 0:
@@ -30,8 +37,10 @@ def energy_rank(s: torch.Tensor, tau: float = 0.99) -> int:
     return int(torch.searchsorted(cum, tau * total * (1 - 1e-12)).item()) + 1
 
 
-def threshold_rank(s: torch.Tensor, eps: float = 0.05) -> int:
-    """Number of singular values above ``eps`` times the largest."""
+def threshold_rank(s: torch.Tensor, eps: float = 0.05) -> int | None:
+    """Number of singular values above ``eps`` times the largest (None when not finite)."""
+    if not torch.isfinite(s).all():
+        return None
     if s.numel() == 0 or s[0] <= 0:
         return 0
     return int((s > eps * s[0]).sum().item())

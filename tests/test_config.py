@@ -13,7 +13,7 @@ from pf2lora_ray.config import ConfigError, config_hash, load_config
 
 def test_yaml_overrides_and_sets_compose():
     cfg = load_config("jobs/synthetic_rank.yaml", ["fed.rounds=3", "adapter.targets=proj"])
-    assert cfg.fed.rounds == 3 and cfg.adapter.r == 2 and cfg.adapter.targets == ("proj",)
+    assert cfg.fed.rounds == 3 and cfg.adapter.r == 4 and cfg.adapter.targets == ("proj",)
     assert cfg.pf2lora.hypergrad == "unrolled"  # default kept
 
 

@@ -22,6 +22,7 @@ def setup(beta: float, lower_steps: int = 1):
         "adapter.alpha=2.0",
         f"pf2lora.lr_lower={beta}",
         f"pf2lora.lower_steps={lower_steps}",
+        "pf2lora.estimator=shared_batches",
         "data.batch_size=8",
     )
     task = task_for(cfg)
@@ -91,3 +92,108 @@ def test_hypergradient_reduces_to_plain_gradient_at_beta_zero():
         torch.testing.assert_close(h_unrolled[k], h_first[k], rtol=0, atol=1e-14)
     for k in phi:
         torch.testing.assert_close(phi_new[k], phi[k])
+
+
+# ----------------------------------------------------------- the paper's estimator
+
+
+def paper_h(task, model, theta, phi, batches, beta, hvp="autograd", fd_eps=1e-3):
+    from pf2lora_ray.algorithms.pf2lora import PI, XI, XI_TILDE, ZETA, paper_step
+
+    named = dict(zip((PI, XI, XI_TILDE, ZETA), batches, strict=True))
+    return paper_step(task, model, theta, phi, named, beta, True, hvp, fd_eps)
+
+
+def test_paper_estimator_equals_exact_hypergradient_on_one_batch():
+    """Four copies of one batch: Algorithm 1's h is d/dx F(x, y+(x); B), checked by FD."""
+    _, task, model, theta, phi, xis, _ = setup(0.05)
+    batch = xis[0]
+    _, h, phi_new = paper_h(task, model, theta, phi, [batch] * 4, 0.05)
+    _, h_exact, phi_exact = hypergradient(task, model, theta, phi, iter([batch]), batch, 1, 0.05)
+    for k in theta:
+        rel = (h[k] - h_exact[k]).norm() / h_exact[k].norm()
+        assert rel < 1e-10, f"{k}: relative difference {rel:.2e}"
+    for k in phi:
+        torch.testing.assert_close(phi_new[k], phi_exact[k], rtol=0, atol=1e-14)
+    # ... and the exact hypergradient itself against central differences (same batch twice).
+    eps = 1e-6
+    for name, value in theta.items():
+        fd = torch.zeros_like(value)
+        for i in range(value.numel()):
+            shifted = []
+            for sign in (1, -1):
+                v = value.clone()
+                v.view(-1)[i] += sign * eps
+                shifted.append(
+                    outer_objective(task, model, {**theta, name: v}, phi, [batch], batch, 0.05, 1)
+                )
+            fd.view(-1)[i] = (shifted[0] - shifted[1]) / (2 * eps)
+        assert (h[name] - fd).norm() / fd.norm() < 1e-6
+
+
+def test_paper_estimator_takes_the_mixed_term_at_the_old_y_on_zeta():
+    """h = grad_x F(y+; xi) - beta * H_xy(y; zeta) v(y+; xi~), each piece by central FD."""
+    _, task, model, theta, phi, xis, zeta = setup(0.05)
+    pi, xi, xi_t = xis
+    beta, eps = 0.05, 1e-6
+    _, h, _ = paper_h(task, model, theta, phi, [pi, xi, xi_t, zeta], beta)
+    from pf2lora_ray.algorithms.base import loss_and_grads
+
+    _, g_y = loss_and_grads(task, model, {**theta, **phi}, sorted(phi), pi)
+    y_new = {k: phi[k] - beta * g_y[k] for k in phi}
+    _, g_x = loss_and_grads(task, model, {**theta, **y_new}, sorted(theta), xi)
+    _, v = loss_and_grads(task, model, {**theta, **y_new}, sorted(phi), xi_t)
+    # H_xy(y; zeta) v = d/dt grad_x F(x, y + t v; zeta) at t = 0, by central differences.
+    plus = {k: phi[k] + eps * v[k] for k in phi}
+    minus = {k: phi[k] - eps * v[k] for k in phi}
+    _, gp = loss_and_grads(task, model, {**theta, **plus}, sorted(theta), zeta)
+    _, gm = loss_and_grads(task, model, {**theta, **minus}, sorted(theta), zeta)
+    for k in theta:
+        expected = g_x[k] - beta * (gp[k] - gm[k]) / (2 * eps)
+        assert (h[k] - expected).norm() / expected.norm() < 1e-6, k
+
+
+def test_finite_difference_hvp_matches_autograd():
+    _, task, model, theta, phi, xis, zeta = setup(0.05)
+    batches = [*xis, zeta]
+    _, h_auto, y_auto = paper_h(task, model, theta, phi, batches, 0.05, "autograd")
+    _, h_fd, y_fd = paper_h(task, model, theta, phi, batches, 0.05, "finite_difference")
+    for k in theta:
+        rel = (h_fd[k] - h_auto[k]).norm() / h_auto[k].norm()
+        assert rel < 1e-4, f"{k}: relative difference {rel:.2e}"
+    for k in phi:
+        torch.testing.assert_close(y_fd[k], y_auto[k], rtol=0, atol=0)
+
+
+def test_finite_difference_hvp_matches_autograd_in_float32_on_a_tiny_bert(tmp_path):
+    """The FD product in float32 on a transformer: close to double backward despite cancellation."""
+    from test_export import tiny_cfg
+
+    from pf2lora_ray.algorithms.base import loss_and_grads
+    from pf2lora_ray.algorithms.pf2lora import mixed_hvp
+    from pf2lora_ray.client import ClientHost
+
+    host = ClientHost(tiny_cfg(tmp_path, "tiny-bert", "glue"), [0])
+    g = torch.Generator().manual_seed(0)
+    jitter = lambda t: t + 0.05 * torch.randn(t.shape, generator=g)  # noqa: E731
+    theta = {k: jitter(torch.from_numpy(v)) for k, v in host.initial_shared().items()}
+    phi = {k: jitter(v) for k, v in host.personal_state(0).items()}
+    batch = host.task.batch(host.data[0].train, torch.arange(8).numpy())
+    _, v = loss_and_grads(host.task, host.model, {**theta, **phi}, sorted(phi), batch)
+    auto = mixed_hvp(host.task, host.model, theta, phi, v, batch, "autograd")
+    fd = mixed_hvp(host.task, host.model, theta, phi, v, batch, "finite_difference", 1e-2)
+    num = sum(float((auto[k] - fd[k]).norm() ** 2) for k in theta) ** 0.5
+    den = sum(float(auto[k].norm() ** 2) for k in theta) ** 0.5
+    assert den > 0 and num / den < 1e-2, num / den
+
+
+def test_first_order_ablation_drops_only_the_mixed_term():
+    from pf2lora_ray.algorithms.base import loss_and_grads
+    from pf2lora_ray.algorithms.pf2lora import PI, XI, XI_TILDE, ZETA, paper_step
+
+    _, task, model, theta, phi, xis, zeta = setup(0.05)
+    named = dict(zip((PI, XI, XI_TILDE, ZETA), [*xis, zeta], strict=True))
+    _, h, y_new = paper_step(task, model, theta, phi, named, 0.05, second_order=False)
+    _, g_x = loss_and_grads(task, model, {**theta, **y_new}, sorted(theta), xis[1])
+    for k in theta:
+        torch.testing.assert_close(h[k], g_x[k], rtol=0, atol=0)

@@ -41,3 +41,12 @@ def test_rank_of_known_low_rank_update():
     c, d = torch.randn(2, 20, generator=g), torch.zeros(20, 2)  # personal level off
     s = factored_singular_values(*update_factors(a, b, c, d, 1.0, 1.0))
     assert energy_rank(s) == 2 and threshold_rank(s) == 2
+
+
+def test_a_diverged_update_has_no_rank_instead_of_crashing():
+    u = torch.ones(6, 3, dtype=torch.float64)
+    v = torch.ones(3, 5, dtype=torch.float64)
+    u[0, 0] = float("nan")
+    s = factored_singular_values(u, v)
+    assert s.shape == (3,) and torch.isnan(s).all()
+    assert energy_rank(s) is None and threshold_rank(s) is None

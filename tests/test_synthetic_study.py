@@ -36,7 +36,7 @@ def study(tmp_path_factory):
 def test_pf2lora_recovers_every_clients_true_rank(study):
     ranks, _ = final_rows(study / "pf2lora")
     assert len(ranks) == 10
-    assert set(ranks["true_rank"]) == {2, 3, 4}
+    assert set(ranks["true_rank"]) == {4, 5, 6}
     assert (ranks["energy_rank"] == ranks["true_rank"]).all(), ranks[
         ["client_id", "energy_rank", "true_rank"]
     ]
@@ -45,7 +45,8 @@ def test_pf2lora_recovers_every_clients_true_rank(study):
 def test_homlora_is_worse_on_every_client_with_extra_rank(study):
     ranks, pf2 = final_rows(study / "pf2lora")
     _, hom = final_rows(study / "homlora")
-    extra = ranks.loc[ranks["true_rank"] > 2, "client_id"].tolist()
+    common = load_config("jobs/synthetic_rank.yaml").synthetic.common_rank
+    extra = ranks.loc[ranks["true_rank"] > common, "client_id"].tolist()
     assert extra
     assert all(hom[k] > pf2[k] for k in extra), pd.DataFrame({"pf2lora": pf2, "homlora": hom})
 
@@ -63,7 +64,7 @@ def test_results_directory_layout(study):
         assert (out / name).exists(), name
     runs = pd.read_parquet(out / "runs.parquet")
     assert runs.loc[0, "status"] == "completed" and runs.loc[0, "algorithm"] == "pf2lora"
-    assert runs.loc[0, "adapter.r"] == 2
+    assert runs.loc[0, "adapter.r"] == 4
     metrics = pd.read_parquet(out / "metrics.parquet")
     assert list(metrics.columns) == ["run_id", "round", "client_id", "split", "metric", "value"]
     agg = metrics[metrics["client_id"].isna()]

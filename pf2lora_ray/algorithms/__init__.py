@@ -1,6 +1,7 @@
 """Registered algorithms; importing this package fills :data:`ALGORITHMS`."""
 
 from pf2lora_ray.algorithms import (  # noqa: F401  (register themselves)
+    centralized_lora,
     fedsa_lora,
     ffa_lora,
     hetlora,

@@ -183,12 +183,29 @@ class Algorithm:
         """The parameters client k is evaluated with (default: theta and its phi)."""
         return {**theta, **phi}
 
+    def diagnostics(
+        self, task: Task, model: nn.Module, params: Params, data: ClientData
+    ) -> dict[str, float]:
+        """Extra per-client evaluation metrics (default none; PF2LoRA: its personal level's)."""
+        return {}
+
+    def configure_round(self, round_: int, sampled: list[int]) -> list[int]:
+        """The clients that train in round ``round_``, given the driver's sample (default: all).
+
+        ``centralized_lora`` overrides it: one client trains on the pooled data.
+        """
+        return sampled
+
+    def weight(self, data: ClientData) -> float:
+        """p_k: 1 (``fed.weighting: uniform``, the paper's 1/M) or n_k (``examples``)."""
+        return float(data.num_train) if self.cfg.fed.weighting == "examples" else 1.0
+
     def contribution(
         self, theta_t: Tensors, local: Local, data: ClientData
     ) -> tuple[float, Tensors]:
-        """(weight p_k = n_k, delta_k = theta_k - theta_t) for the weighted FedAvg mean."""
+        """(weight p_k, delta_k = theta_k - theta_t) for the weighted FedAvg mean."""
         delta = {k: local.theta[k] - theta_t[k] for k in theta_t}
-        return float(data.num_train), delta
+        return self.weight(data), delta
 
     # ------------------------------------------------ driver side
     def aggregate(
@@ -204,7 +221,10 @@ class Algorithm:
         }
 
     # ------------------------------------------------ helpers for subclasses
-    def batches(self, task: Task, data: ClientData, ctx: RoundContext, stream: int = 0):
+    def batches(
+        self, task: Task, data: ClientData, ctx: RoundContext, stream: str | int = seeds.BATCHES
+    ) -> BatchStream:
+        """Client ``ctx.client_id``'s mini-batches for one purpose of the round."""
         return BatchStream(task, data, self.cfg.data.batch_size, ctx.rng(stream))
 
 

@@ -196,9 +196,13 @@ class HetLoRA(Algorithm):
     def contribution(
         self, theta_t: Tensors, local: Local, data: ClientData
     ) -> tuple[float, Tensors]:
-        """(S_k = ||Delta W_k||_F, theta_k zero-padded to r_max): replaced, not added."""
+        """(S_k p_k, theta_k zero-padded to r_max): replaced, not added.
+
+        S_k = ||Delta W_k||_F is HetLoRA's sparsity weight; p_k (``fed.weighting``)
+        is 1 by default, n_k with ``examples``.
+        """
         scaling = self.cfg.adapter.alpha / self.cfg.hetlora.r_max
-        return update_norm(local.theta, scaling), dict(local.theta)
+        return update_norm(local.theta, scaling) * self.weight(data), dict(local.theta)
 
     def aggregate(
         self, theta: dict[str, np.ndarray], summed: dict[str, np.ndarray], total_weight: float

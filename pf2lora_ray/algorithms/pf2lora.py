@@ -3,21 +3,43 @@
 Hao, Wu, Payani, Lee, Liu, "Personalized Federated Fine-tuning for Heterogeneous
 Data: An Automatic Rank Learning Approach via Two-Level LoRA", arXiv:2503.03920.
 
-Communicated: the shared factors theta = (A, B) of every adapted layer (and the
+Communicated: the shared factors x = (A, B) of every adapted layer (and the
 task head when ``model.head: shared``). Local: the personal factors
-phi_k = (C_k, D_k) (and the head when ``model.head: personal``), which never
+y_k = (C_k, D_k) (and the head when ``model.head: personal``), which never
 leave the client.
 
-One local round (PF2LORA.md, Local round), repeated ``fed.local_steps`` times::
+One local step, the paper's Algorithm 1 (``pf2lora.estimator: paper``, the
+default), with four independent mini-batches pi, xi, xi~, zeta of the client's
+own data::
 
-    phi'  = phi - beta * grad_phi G(theta, phi; xi)           # lower level, J SGD steps
-    h     = d/dtheta F(theta, phi'(theta); zeta)              # hypergradient
-    theta = AdamW(theta, h);  phi = phi'
+    y+ = y - beta * grad_y F(x, y; pi)                                  # lower level, SGD
+    h  = grad_x F(x, y+; xi) - beta * grad2_xy F(x, y; zeta) @ grad_y F(x, y+; xi~)
+    x  = AdamW(x, h);  y = y+                                           # upper level
 
-With ``pf2lora.hypergrad: unrolled`` the lower step is built with
-``create_graph=True`` so autograd differentiates through it, which yields
-h = grad_theta F - beta * d2G/(dtheta dphi) @ grad_phi F without forming a
-Hessian. ``first_order`` detaches phi' (the "without bilevel" ablation).
+Each term is its own forward/backward pass, so no two autograd graphs are
+alive at once. The mixed term is a Hessian-vector product at the OLD y:
+
+- ``pf2lora.hvp: autograd``: grad_x <grad_y F(x, y; zeta), v> by double
+  backward through one forward (the only pass that keeps a graph of a graph);
+- ``pf2lora.hvp: finite_difference``: (grad_x F(x, y + eps v) - grad_x F(x, y - eps v)) / 2 eps
+  on zeta, two plain forward/backward passes. eps = ``pf2lora.fd_eps`` / ||v||,
+  so the probe moves y by exactly ``fd_eps`` in parameter space whatever the
+  scale of v (central differences: error O(eps^2 ||v||^3 * third derivative)).
+
+``pf2lora.estimator: shared_batches`` is the first implementation: one lower
+batch (pi = zeta) and one upper batch (xi = xi~); the lower step(s) are built
+with ``create_graph=True`` and autograd differentiates F(x, y+(x)) through
+them, which gives the same h when all four batches are one batch. It also
+supports ``lower_steps`` J > 1. ``pf2lora.hypergrad: first_order`` drops the
+mixed term (h = grad_x F(x, y+; xi)): the "without bilevel" ablation.
+
+Passes per step (one pass = one forward + one backward over the model):
+paper/autograd 3 + one double-backward pass; paper/finite_difference 5;
+first_order 2; HOMLoRA 1. ``pf2lora bench cost`` measures them.
+
+``pf2lora.upper_state: persist`` keeps each client's AdamW moments for x in
+its personal state (under ``pf2lora.adam.*``), so they move and checkpoint with
+C_k, D_k: 2 floats per shared parameter plus a step count, per client.
 """
 
 from __future__ import annotations
@@ -27,6 +49,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from pf2lora_ray import seeds
 from pf2lora_ray.algorithms.base import (
     AdamW,
     Algorithm,
@@ -38,7 +61,12 @@ from pf2lora_ray.algorithms.base import (
     register,
 )
 from pf2lora_ray.lora import PERSONAL_FACTORS, SHARED_FACTORS, factor_names
-from pf2lora_ray.tasks.base import Batch, ClientData, Task
+from pf2lora_ray.tasks.base import Batch, ClientData, Params, Task
+
+# The four mini-batch streams of Algorithm 1, as purposes of the round's draws.
+PI, XI, XI_TILDE, ZETA = seeds.LOWER, seeds.UPPER, seeds.UPPER_TILDE, seeds.HVP
+# Personal-state entries of the persisted upper-level optimizer (not model parameters).
+ADAM = "pf2lora.adam."
 
 
 def lower_level(
@@ -86,11 +114,79 @@ def hypergradient(
     reg_lambda: float = 0.0,
     unrolled: bool = True,
 ) -> tuple[float, Tensors, Tensors]:
-    """(F value, h = dF(theta, phi'(theta); zeta)/dtheta, phi') for one outer step."""
+    """``shared_batches``: (F value, h = dF(theta, phi'(theta); zeta)/dtheta, phi') in one graph."""
     theta = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     phi_new = lower_level(task, model, theta, phi, xis, steps, beta, reg_lambda, unrolled)
     f_val, h = loss_and_grads(task, model, {**theta, **phi_new}, sorted(theta), zeta)
     return f_val, h, {k: v.detach() for k, v in phi_new.items()}
+
+
+def mixed_hvp(
+    task: Task,
+    model: nn.Module,
+    theta: Tensors,
+    phi: Tensors,
+    v: Tensors,
+    zeta: Batch,
+    mode: str = "autograd",
+    fd_eps: float = 1e-3,
+) -> Tensors:
+    """grad2_xy F(theta, phi; zeta) @ v: how grad_theta F moves when phi moves along v.
+
+    ``autograd``: grad_theta <grad_phi F, v> (double backward, one graph).
+    ``finite_difference``: central difference of grad_theta F at phi +- eps v,
+    eps = fd_eps / ||v|| (two plain passes; v = 0 gives 0).
+    """
+    x_names, y_names = sorted(theta), sorted(phi)
+    if mode == "finite_difference":
+        norm = float(torch.sqrt(sum((v[k].double() ** 2).sum() for k in y_names)))
+        if norm == 0.0:
+            return {k: torch.zeros_like(theta[k]) for k in x_names}
+        eps = fd_eps / norm
+        shifted = lambda sign: {k: phi[k] + sign * eps * v[k] for k in y_names}  # noqa: E731
+        _, g_plus = loss_and_grads(task, model, {**theta, **shifted(1.0)}, x_names, zeta)
+        _, g_minus = loss_and_grads(task, model, {**theta, **shifted(-1.0)}, x_names, zeta)
+        return {k: (g_plus[k] - g_minus[k]) / (2 * eps) for k in x_names}
+    x = {k: t.detach().requires_grad_(True) for k, t in theta.items()}
+    y = {k: t.detach().requires_grad_(True) for k, t in phi.items()}
+    loss = task.loss(model, {**x, **y}, zeta)
+    g_y = torch.autograd.grad(loss, [y[k] for k in y_names], create_graph=True, allow_unused=True)
+    inner = sum((g * v[k]).sum() for k, g in zip(y_names, g_y, strict=True) if g is not None)
+    if not isinstance(inner, torch.Tensor) or not inner.requires_grad:
+        return {k: torch.zeros_like(theta[k]) for k in x_names}
+    out = torch.autograd.grad(inner, [x[k] for k in x_names], allow_unused=True)
+    return {
+        k: (torch.zeros_like(theta[k]) if g is None else g)
+        for k, g in zip(x_names, out, strict=True)
+    }
+
+
+def paper_step(
+    task: Task,
+    model: nn.Module,
+    theta: Tensors,
+    phi: Tensors,
+    batches: dict[str, Batch],
+    beta: float,
+    second_order: bool = True,
+    hvp: str = "autograd",
+    fd_eps: float = 1e-3,
+) -> tuple[float, Tensors, Tensors]:
+    """One step of Algorithm 1: (F(x, y+; xi), h, y+) from the batches pi, xi, xi~, zeta.
+
+    ``second_order=False`` is the first-order ablation (h = grad_x F(x, y+; xi)).
+    """
+    theta = {k: v.detach() for k, v in theta.items()}
+    phi = {k: v.detach() for k, v in phi.items()}
+    x_names, y_names = sorted(theta), sorted(phi)
+    _, g_y = loss_and_grads(task, model, {**theta, **phi}, y_names, batches[PI])
+    phi_new = {k: phi[k] - beta * g_y[k] for k in y_names}
+    f_val, h = loss_and_grads(task, model, {**theta, **phi_new}, x_names, batches[XI])
+    if second_order and beta != 0.0:
+        _, v = loss_and_grads(task, model, {**theta, **phi_new}, y_names, batches[XI_TILDE])
+        mixed = mixed_hvp(task, model, theta, phi, v, batches[ZETA], hvp, fd_eps)
+        h = {k: h[k] - beta * mixed[k] for k in x_names}
+    return f_val, h, phi_new
 
 
 @register("pf2lora")
@@ -117,21 +213,79 @@ class PF2LoRA(Algorithm):
         ctx: RoundContext,
     ) -> Local:
         opts = self.cfg.pf2lora
-        xis, zetas = self.batches(task, data, ctx, 0), self.batches(task, data, ctx, 1)
-        upper = AdamW(self.cfg.algorithm.lr, self.cfg.algorithm.weight_decay)
+        params, upper = split_state(phi), self.upper_optimizer(phi)
+        second_order = opts.hypergrad == "unrolled"
         f_val = float("nan")
-        for _ in range(self.cfg.fed.local_steps):
-            f_val, h, phi = hypergradient(
-                task,
-                model,
-                theta,
-                phi,
-                xis,
-                next(zetas),
-                opts.lower_steps,
-                opts.lr_lower,
-                opts.reg_lambda,
-                unrolled=opts.hypergrad == "unrolled",
-            )
-            theta = upper.step(theta, h)
+        if opts.estimator == "paper":
+            streams = {p: self.batches(task, data, ctx, p) for p in (PI, XI, XI_TILDE, ZETA)}
+            for _ in range(self.cfg.fed.local_steps):
+                batches = {p: next(s) for p, s in streams.items()}
+                f_val, h, params = paper_step(
+                    task, model, theta, params, batches, opts.lr_lower, second_order,
+                    opts.hvp, opts.fd_eps,
+                )
+                theta = upper.step(theta, h)
+        else:
+            lower = self.batches(task, data, ctx, PI)
+            upper_batches = self.batches(task, data, ctx, XI)
+            for _ in range(self.cfg.fed.local_steps):
+                f_val, h, params = hypergradient(
+                    task, model, theta, params, lower, next(upper_batches), opts.lower_steps,
+                    opts.lr_lower, opts.reg_lambda, unrolled=second_order,
+                )
+                theta = upper.step(theta, h)
+        phi = {**params, **(optimizer_state(upper) if opts.upper_state == "persist" else {})}
         return Local(theta, phi, {"train_loss": f_val})
+
+    def upper_optimizer(self, phi: Tensors) -> AdamW:
+        """The upper-level AdamW: fresh (``reset``), or the client's persisted moments."""
+        opt = AdamW(self.cfg.algorithm.lr, self.cfg.algorithm.weight_decay)
+        if self.cfg.pf2lora.upper_state == "persist" and f"{ADAM}t" in phi:
+            opt.t = int(phi[f"{ADAM}t"])
+            for moment in ("m", "v"):
+                prefix = f"{ADAM}{moment}."
+                saved = {k.removeprefix(prefix): v for k, v in phi.items() if k.startswith(prefix)}
+                setattr(opt, moment, saved)
+        return opt
+
+    def eval_params(
+        self,
+        task: Task,
+        model: nn.Module,
+        theta: Tensors,
+        phi: Tensors,
+        data: ClientData,
+        ctx: RoundContext,
+    ) -> Params:
+        return {**theta, **split_state(phi)}
+
+    def diagnostics(
+        self, task: Task, model: nn.Module, params: Params, data: ClientData
+    ) -> dict[str, float]:
+        """The client's metrics with D_k = 0 (``<metric>.shared_only``) and ||C_k||, ||D_k||.
+
+        Zeroing D_k removes the personal update s~ D_k C_k exactly; the head,
+        when personal, stays as trained.
+        """
+        off = {k: torch.zeros_like(v) if k.endswith(".lora_D") else v for k, v in params.items()}
+        shared_only = task.evaluate(model, off, data)
+        out = {f"{m}.shared_only": v for m, v in shared_only.items() if m != "majority_accuracy"}
+        for factor in ("C", "D"):
+            sq = sum(float((v.double() ** 2).sum()) for k, v in params.items()
+                     if k.endswith(f".lora_{factor}"))
+            out[f"norm_{factor}"] = sq**0.5
+        return out
+
+
+def split_state(phi: Tensors) -> Tensors:
+    """The model parameters among a client's personal state (optimizer entries left out)."""
+    return {k: v for k, v in phi.items() if not k.startswith(ADAM)}
+
+
+def optimizer_state(opt: AdamW) -> Tensors:
+    """AdamW moments and step count as personal-state tensors (checkpointed, moved whole)."""
+    out = {f"{ADAM}m.{k}": v.detach() for k, v in opt.m.items()}
+    out.update({f"{ADAM}v.{k}": v.detach() for k, v in opt.v.items()})
+    device = next(iter(opt.m.values())).device if opt.m else None
+    out[f"{ADAM}t"] = torch.tensor([opt.t], dtype=torch.int64, device=device)
+    return out
