@@ -5,6 +5,16 @@ from __future__ import annotations
 from analysis.load import Results, load_results, load_tune
 from analysis.plots import plot_metric_vs_round, plot_rank_heatmap, plot_tune_scatter
 from analysis.report import main_metric, main_tune_metric, write_report
+from analysis.stats import t_interval, t_quantile
+from analysis.study import (
+    method_label,
+    method_task_table,
+    paired_differences,
+    per_run_summary,
+    personal_table,
+    plot_seed_bars,
+    seed_summary,
+)
 from analysis.tables import (
     best_trial,
     client_summary,
@@ -28,12 +38,21 @@ __all__ = [
     "load_tune",
     "main_metric",
     "main_tune_metric",
+    "method_label",
+    "method_task_table",
     "metric_direction",
+    "paired_differences",
+    "per_run_summary",
+    "personal_table",
     "plot_metric_vs_round",
     "plot_rank_heatmap",
+    "plot_seed_bars",
     "plot_tune_scatter",
     "rank_table",
+    "seed_summary",
     "system_summary",
+    "t_interval",
+    "t_quantile",
     "to_markdown",
     "trials_last_round",
     "worst_decile",

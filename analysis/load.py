@@ -2,7 +2,8 @@
 
 A run folder holds ``runs.parquet``, ``metrics.parquet``, ``ranks.parquet`` and
 ``system.parquet`` (see docs/DESIGN.md, "Results directory"). A comparison folder
-holds several runs, either in the same files or one run folder per subfolder.
+holds several runs, either in the same files or one run folder per subfolder
+(searched up to MAX_DEPTH levels down, e.g. OUT/<task>/<method>-s<seed>/).
 A Tune folder holds ``trials.parquet``.
 """
 
@@ -90,16 +91,26 @@ def empty_table(name: str) -> pd.DataFrame:
     return pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in SCHEMAS[name].items()})
 
 
+# How deep run folders are searched for: a study keeps OUT/<task>/<method>-s<seed>/.
+MAX_DEPTH = 3
+
+
 def has_run_files(folder: Path) -> bool:
-    """Whether ``folder`` directly holds at least one of the run Parquet files."""
-    return any((folder / f"{name}.parquet").is_file() for name in SCHEMAS)
+    """Whether ``folder`` directly holds at least one of the run Parquet results.
+
+    A result is a Parquet file or a Parquet dataset folder of part files;
+    ``pd.read_parquet`` reads both.
+    """
+    return any((folder / f"{name}.parquet").exists() for name in SCHEMAS)
 
 
 def run_folders(path: str | Path) -> list[Path]:
     """Return the folders whose run files make up the results under ``path``.
 
-    That is ``[path]`` when ``path`` holds run files itself, otherwise its
-    subfolders (one level deep, sorted by name) that hold run files.
+    That is ``[path]`` when ``path`` holds run files itself, otherwise every
+    folder below it (at most MAX_DEPTH levels, sorted by path) that holds run
+    files; the search does not descend into a run folder, a hidden folder, or
+    a Tune folder (one holding trials.parquet, reported on its own).
 
     Raises:
         FileNotFoundError: If ``path`` is not a folder or no run files are found.
@@ -109,18 +120,29 @@ def run_folders(path: str | Path) -> list[Path]:
         raise FileNotFoundError(f"results path {path} is not a folder")
     if has_run_files(path):
         return [path]
-    folders = sorted(sub for sub in path.iterdir() if sub.is_dir() and has_run_files(sub))
+    folders = sorted(_find_run_folders(path, MAX_DEPTH))
     if not folders:
         expected = ", ".join(f"{name}.parquet" for name in SCHEMAS)
         raise FileNotFoundError(f"no run files ({expected}) in {path} or its subfolders")
     return folders
 
 
+def _find_run_folders(folder: Path, depth: int) -> list[Path]:
+    if depth == 0 or (folder / TRIALS_FILE).exists():
+        return []
+    found = []
+    for sub in folder.iterdir():
+        if not sub.is_dir() or sub.name.startswith(".") or sub.suffix == ".parquet":
+            continue
+        found += [sub] if has_run_files(sub) else _find_run_folders(sub, depth - 1)
+    return found
+
+
 def load_results(path: str | Path) -> Results:
     """Load a run folder or a comparison folder.
 
     Files at the top of ``path`` are read when present; otherwise the files of
-    every subfolder that holds run files are concatenated. A missing file gives
+    every run folder below it (``run_folders``) are concatenated. A missing file gives
     an empty table with the documented columns.
 
     Args:
@@ -159,7 +181,7 @@ def load_tune(path: str | Path) -> pd.DataFrame:
 
 def _read_table(folders: list[Path], name: str) -> pd.DataFrame:
     files = [folder / f"{name}.parquet" for folder in folders]
-    frames = [pd.read_parquet(file) for file in files if file.is_file()]
+    frames = [pd.read_parquet(file) for file in files if file.exists()]
     frames = [frame for frame in frames if not frame.empty]
     if not frames:
         return empty_table(name)

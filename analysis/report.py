@@ -16,8 +16,16 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.load import TRIALS_FILE, Results, has_run_files, load_results, load_tune
+from analysis.load import (
+    TRIALS_FILE,
+    Results,
+    has_run_files,
+    load_results,
+    load_tune,
+    run_folders,
+)
 from analysis.plots import plot_metric_vs_round, plot_rank_heatmap, plot_tune_scatter
+from analysis.study import has_seed_replicates, plot_seed_bars, study_markdown
 from analysis.tables import (
     best_trial,
     client_summary,
@@ -64,7 +72,11 @@ def write_report(path: str | Path) -> list[Path]:
     table, scatter of the metric against each searched key). A folder holding run
     files, at the top or in subfolders, gets a run report (comparison by
     algorithm when there are several runs, client summary, ranks, system costs,
-    metric against round, rank heatmaps).
+    metric against round, rank heatmaps). When some method was run with several
+    seeds, the report opens with the "Over seeds" sections of
+    ``analysis.study.study_markdown`` (means with Student-t intervals over seeds,
+    worst decile, lift over the majority label, paired differences, the personal
+    level) and ``seeds_bars.png``.
 
     Args:
         path: The results folder; files are written into it.
@@ -78,13 +90,18 @@ def write_report(path: str | Path) -> list[Path]:
     folder = Path(path)
     if (folder / TRIALS_FILE).is_file():
         return _write_tune_report(folder)
-    if folder.is_dir() and (
-        has_run_files(folder) or any(has_run_files(sub) for sub in folder.iterdir() if sub.is_dir())
-    ):
+    if folder.is_dir() and (has_run_files(folder) or _holds_runs(folder)):
         return _write_run_report(folder)
     raise FileNotFoundError(
         f"{folder} holds neither {TRIALS_FILE} nor run files (runs/metrics/ranks/system.parquet)"
     )
+
+
+def _holds_runs(folder: Path) -> bool:
+    try:
+        return bool(run_folders(folder))
+    except FileNotFoundError:
+        return False
 
 
 def _write_run_report(folder: Path) -> list[Path]:
@@ -97,6 +114,7 @@ def _write_run_report(folder: Path) -> list[Path]:
     else:
         direction = "higher" if metric_direction(metric) else "lower"
         lines += [f"Main metric: **{metric}** on test ({direction} is better).", ""]
+        written += _seed_sections(results, folder, lines)
         lines += _metric_sections(results, metric)
         written += _metric_figure(results, metric, folder, lines)
     if not results.ranks.empty:
@@ -122,6 +140,18 @@ def _metric_sections(results: Results, metric: str) -> list[str]:
         to_markdown(client_summary(results.metrics, metric)),
     ]
     return lines
+
+
+def _seed_sections(results: Results, folder: Path, lines: list[str]) -> list[Path]:
+    if not has_seed_replicates(results):
+        return []
+    study_lines, summary = study_markdown(results)
+    lines += study_lines
+    if summary.empty:
+        return []
+    path = _save_figure(plot_seed_bars(summary), folder / "seeds_bars.png")
+    lines += [f"![mean over seeds with 95% t-intervals]({path.name})", ""]
+    return [path]
 
 
 def _metric_figure(results: Results, metric: str, folder: Path, lines: list[str]) -> list[Path]:

@@ -182,10 +182,14 @@ def comparison_table(results: Results, metric: str, split: str = "test") -> pd.D
     per_run["bytes_up_per_round"] = grouped["bytes_up"].mean()
     per_run["wall_s_per_round"] = grouped["wall_s"].mean()
     per_run["peak_rss_mb"] = grouped["peak_rss_mb"].mean()
-    # Sweep variants (e.g. pf2lora vs its first_order ablation) stay apart.
+    # Sweep variants (e.g. pf2lora vs its first_order ablation) stay apart; the
+    # seeds of one variant (labels pf2lora-s0, pf2lora-s1, ...) are averaged.
+    from analysis.study import run_methods  # study imports this module
+
     runs = results.runs.set_index("run_id")
     label = runs["variant"] if "variant" in runs else runs["algorithm"]
-    per_run["algorithm"] = label.fillna(runs["algorithm"])
+    runs = runs.assign(variant=label.fillna(runs["algorithm"])).reset_index()
+    per_run["algorithm"] = run_methods(runs, unique=False).set_index("run_id")["method"]
     return per_run.groupby("algorithm").mean()
 
 
