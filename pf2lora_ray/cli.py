@@ -7,8 +7,12 @@
     pf2lora predict OUT --text "..."
     pf2lora bench NAME [--quick] [--out DIR]
 
-Bad input (config, data, checkpoint, arguments) prints ``error: ...`` naming
-what is wrong and exits with status 2, without a traceback.
+Bad input (config, data, checkpoint, arguments) prints one line ``error: ...``
+naming what is wrong and exits with status 2, without a traceback. ``run`` and
+``tune`` check the whole job first (every sweep variant, registry names, the data
+and their partition; :mod:`pf2lora_ray.validate`), so such an error leaves no
+``--out`` folder; one that still comes back from a Ray actor is unwrapped to
+the same line.
 """
 
 from __future__ import annotations
@@ -27,16 +31,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
 
 
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    from pf2lora_ray.checkpoint import CheckpointError
-    from pf2lora_ray.config import ConfigError
-    from pf2lora_ray.data.partition import PartitionError
-    from pf2lora_ray.experiment import UsageError
-    from pf2lora_ray.tasks.base import DataError
-
-    return (ConfigError, PartitionError, UsageError, DataError, CheckpointError)
-
-
 def _extra(args: argparse.Namespace) -> dict:
     extra = {}
     if getattr(args, "address", None):
@@ -53,16 +47,18 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """One run, or one run per combination of the job's ``sweep:`` section (OUT/<label>/)."""
-    from pf2lora_ray.config import build_config, read_yaml, split_sweep
+    """One run, or one per ``sweep:`` variant and ``seeds:`` entry (OUT/<folder>/)."""
+    from pf2lora_ray.config import read_yaml
     from pf2lora_ray.experiment import run_experiment
+    from pf2lora_ray.validate import validate_job
 
     out = Path(args.out) if args.out else Path("results") / Path(args.config).stem
-    jobs = split_sweep(read_yaml(args.config))
-    # Validate every config before the first run starts, so a typo writes nothing.
-    configs = [(label, build_config(data, args.set or [], _extra(args))) for label, data in jobs]
-    for label, cfg in configs:
-        run_experiment(cfg, out / label if label else out, resume=args.resume, variant=label)
+    # Check every run (config, names, data, partition) before the first one
+    # starts, so bad input writes nothing.
+    runs = validate_job(read_yaml(args.config), args.set or [], _extra(args))
+    for variant, cfg in runs:
+        folder = out / variant.folder if variant.folder else out
+        run_experiment(cfg, folder, args.resume, variant=variant.label, validate=False)
     print(f"results in {out}")
     return 0
 
@@ -164,8 +160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except _bad_input_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        from pf2lora_ray.validate import one_line, unwrap
+
+        bad = unwrap(err)  # the project's error, also when a Ray actor raised it
+        if bad is None:
+            raise
+        print(f"error: {one_line(bad)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -9,6 +9,7 @@ Used by ``pf2lora run`` and by Tune trials; importable for notebooks::
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,10 +17,9 @@ from pf2lora_ray.config import Config, ConfigError
 from pf2lora_ray.driver import Callback, DriverState, RoundReport, run_rounds
 from pf2lora_ray.results import RESULT_FILES, ResultsWriter
 from pf2lora_ray.runtime.base import Backend
+from pf2lora_ray.validate import UsageError, unwrap, validate_run
 
-
-class UsageError(ValueError):
-    """Bad command-line use (e.g. an output folder that already holds a run)."""
+__all__ = ["BACKENDS", "UsageError", "check_out_dir", "run_experiment"]
 
 
 def _local(cfg: Config) -> Backend:
@@ -91,17 +91,51 @@ def run_experiment(
     resume: bool = False,
     extra_callbacks: Sequence[Callback] = (),
     variant: str = "",
+    validate: bool = True,
 ) -> DriverState:
     """Run ``cfg`` writing results to ``out``; returns the final driver state.
 
     ``variant`` labels the run in a sweep (runs.parquet ``variant`` column).
+    The run is checked first (:func:`pf2lora_ray.validate.validate_run`: registry
+    names, data, partition) unless ``validate`` is False because the caller did.
+    If bad input still stops the run before its first round (an error raised in
+    an actor), a folder this call created is removed again.
     """
     out = Path(out)
+    if validate:
+        validate_run(cfg)
+    if cfg.runtime.backend not in BACKENDS:
+        raise ConfigError(f"runtime.backend: unknown backend {cfg.runtime.backend!r}")
+    created = not out.exists()
     check_out_dir(out, resume)
     # Resuming a run that never started (e.g. a later sweep member) starts it fresh.
     resume = resume and any((out / f).exists() for f in RESULT_FILES)
-    if cfg.runtime.backend not in BACKENDS:
-        raise ConfigError(f"runtime.backend: unknown backend {cfg.runtime.backend!r}")
+    rounds = _RoundsDone()
+    try:
+        return _run(cfg, out, resume, [rounds, *extra_callbacks], variant)
+    except Exception as err:
+        if created and not rounds.done and unwrap(err) is not None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+class _RoundsDone:
+    """Callback counting completed rounds."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def on_start(self, state: DriverState) -> None: ...
+
+    def on_round_end(self, state: DriverState, report: RoundReport) -> None:
+        self.done += 1
+
+    def on_end(self, state: DriverState, status: str) -> None: ...
+
+
+def _run(
+    cfg: Config, out: Path, resume: bool, extra_callbacks: list[Callback], variant: str
+) -> DriverState:
     backend = BACKENDS[cfg.runtime.backend](cfg)
     try:
         theta, start, resume_round = None, 1, None

@@ -25,7 +25,7 @@ def test_yaml_overrides_and_sets_compose():
         ("algorithm.lr=-1", "algorithm.lr"),
         ("pf2lora.lr_lower=-0.1", "pf2lora.lr_lower"),
         ("fed.clients_per_round=11", "fed.clients_per_round"),
-        ("algorithm.name=fedsgd", "algorithm.name"),
+        ("algorithm.name=", "algorithm.name"),  # registry names: tests/test_validate.py
         ("pf2lora.hypergrad=second", "pf2lora.hypergrad"),
         ("fed.rounds=three", "fed.rounds"),
         ("fed.rounds=2.5", "fed.rounds"),
@@ -92,3 +92,23 @@ def test_cli_bad_set_exits_2_in_a_real_process(tmp_path):
 def test_missing_config_file_exits_2(tmp_path, capsys):
     assert main(["run", str(tmp_path / "none.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_load_config_refuses_a_job_of_several_runs(tmp_path):
+    for key, value in (("sweep", {"fed.rounds": [1, 2]}), ("seeds", [0, 1])):
+        job = tmp_path / f"{key}.yaml"
+        job.write_text(f"{key}: {value}\n")
+        with pytest.raises(ConfigError, match=f"{key}: this job runs several configs"):
+            load_config(job)
+
+
+def test_sweep_mapping_is_a_product_and_labels_name_variants():
+    from pf2lora_ray.config import expand_job
+
+    runs = expand_job({"fed": {"rounds": 2}, "sweep": {"algorithm.name": ["a", "b"],
+                                                        "adapter.r": [1, 2]}})
+    assert [v.folder for v in runs] == ["a-1", "a-2", "b-1", "b-2"]
+    assert runs[3].overrides == {"fed": {"rounds": 2}, "algorithm": {"name": "b"},
+                                 "adapter": {"r": 2}}
+    with pytest.raises(ConfigError, match="labels must be unique"):
+        expand_job({"sweep": [{"label": "x"}, {"label": "x"}]})

@@ -249,7 +249,8 @@ def test_tiny_bert_classification_run_learns_and_reports_majority_baseline(tmp_p
     )
     df = run_metrics(cfg, tmp_path / "out")
     per_client = df[df.client_id.notna() & (df.split == "test")]
-    assert set(per_client.metric) == {"accuracy", "loss", "majority_accuracy"}
+    # The task reports these; an algorithm may add its own diagnostics beside them.
+    assert {"accuracy", "loss", "majority_accuracy"} <= set(per_client.metric)
     loss = df[(df.metric == "train_loss.mean")].sort_values("round").value.to_numpy()
     assert loss[-1] < loss[0]
     assert np.isfinite(per_client.value).all()
@@ -263,8 +264,12 @@ def test_tiny_gpt2_regression_run_reports_correlations(tmp_path):
     )
     df = run_metrics(cfg, tmp_path / "out")
     last = df[(df["round"] == 2) & df.client_id.notna()]
-    assert set(last[last.split == "test"].metric) == {"loss", "pearson", "spearman"}
-    assert last.value.between(-1e3, 1e3).all()
+    test = last[last.split == "test"].groupby("metric").value
+    assert {"loss", "pearson", "spearman"} <= set(test.groups)
+    assert test.get_group("pearson").between(-1, 1).all()
+    assert test.get_group("spearman").between(-1, 1).all()
+    # STS-B scores lie in [0, 5]: a mean squared error above 25 is worse than any constant.
+    assert test.get_group("loss").between(0, 25).all()
 
 
 def test_regression_loss_is_mean_squared_error_of_the_first_output(tmp_path):

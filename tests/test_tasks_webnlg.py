@@ -164,7 +164,8 @@ def test_tiny_gpt2_generation_run_reports_bleu_and_rouge(tmp_path):
     run_experiment(cfg, tmp_path / "out")
     df = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
     test = df[df.client_id.notna() & (df.split == "test")]
-    assert set(test.metric) == {"bleu", "loss", "rouge_l"}
+    # The task reports these; an algorithm may add its own diagnostics beside them.
+    assert {"bleu", "loss", "rouge_l"} <= set(test.metric)
     assert sorted(test.client_id.unique()) == [0, 1, 2]
     assert test[test.metric == "bleu"].value.between(0, 100).all()
     assert test[test.metric == "rouge_l"].value.between(0, 1).all()

@@ -49,6 +49,17 @@ class Task(Protocol):
     def head_names(self, model: nn.Module) -> list[str]:
         """Names of trainable task-head parameters (empty when there is none)."""
 
+    def check_data(self) -> None:
+        """Read the data and split them over all ``fed.num_clients`` clients, as hosts will.
+
+        Called on the driver before a run starts (:mod:`pf2lora_ray.validate`), so a
+        missing file, a bad label or too few rows stops the run before anything is
+        written. Cheap: no model, no tokenizer.
+
+        Raises:
+            DataError, PartitionError, ConfigError: naming the file, row or key.
+        """
+
     def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
         """Train/test examples of the given clients (deterministic from the seed)."""
 

@@ -288,13 +288,25 @@ class GlueTask:
             return np.clip(np.floor(table.targets), 0, 4).astype(np.int64)
         return table.targets
 
+    def splits(self, client_ids: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """(train, test) row indices of each client (the partition of the whole split)."""
+        table = self.table()
+        return client_indices(
+            self.cfg,
+            len(table.targets),
+            client_ids,
+            labels=self.partition_labels(table),
+            source=table.source,
+        )
+
+    def check_data(self) -> None:
+        self.splits(range(self.cfg.fed.num_clients))
+
     def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
         missing = [k for k in client_ids if k not in self._clients]
         if missing:
             table = self.table()
-            splits = client_indices(
-                self.cfg, len(table.targets), missing, labels=self.partition_labels(table)
-            )
+            splits = self.splits(missing)
             for k, (train, test) in splits.items():
                 tr, te = self._examples(table, train), self._examples(table, test)
                 labels = None if self.spec.label_names is None else tr.targets

@@ -86,6 +86,9 @@ class SyntheticTask:
     def head_names(self, model: nn.Module) -> list[str]:
         return []
 
+    def check_data(self) -> None:
+        """Nothing to read: every client draws its own examples (sizes checked by the config)."""
+
     def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
         out = {}
         dtype = getattr(torch, self.cfg.model.dtype)

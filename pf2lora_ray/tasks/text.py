@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from pf2lora_ray import seeds
 from pf2lora_ray.config import Config
-from pf2lora_ray.data.partition import partition, split_train_test
+from pf2lora_ray.data.partition import PartitionError, partition, split_train_test
 from pf2lora_ray.tasks.base import Batch, DataError
 
 FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -77,12 +78,25 @@ def read_table(file: Path, column_names: Sequence[str] | None = None) -> Any:
         kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
     if column_names is not None:
         kwargs["column_names"] = list(column_names)
+    # A local file is read in about a second: its "Generating split" bar and the
+    # builders' own error logs are noise on stderr (a bad file gets one DataError
+    # line that carries the parser's message), so both are off for this call.
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(
             builder, data_files={"data": str(file)}, split="data", keep_in_memory=True, **kwargs
         )
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
-        raise DataError(f"{file}: cannot read it as {builder}: {err}") from err
+        detail = err.__cause__ if isinstance(err.__cause__, Exception) else err
+        raise DataError(f"{file}: cannot read it as {builder}: {detail}") from err
+    finally:
+        log.setLevel(level)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
 
 
 def subsample(idx: np.ndarray, limit: int, seed: int, client: int, purpose: str) -> np.ndarray:
@@ -99,6 +113,7 @@ def client_indices(
     client_ids: Sequence[int],
     labels: np.ndarray | None = None,
     groups: np.ndarray | None = None,
+    source: str = "the data",
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """(train, test) example indices of each client in ``client_ids``.
 
@@ -108,23 +123,31 @@ def client_indices(
     ``data.max_train_per_client`` / ``data.max_test_per_client`` rows.
 
     Raises:
-        PartitionError: a client would be empty or too small to split (names it).
+        PartitionError: a client would be empty or too small to split; the message
+            names the keys (``data.partition``, ``fed.num_clients``), ``source``
+            and the client.
     """
     d = cfg.data
-    parts = partition(
-        num_examples,
-        cfg.fed.num_clients,
-        d.partition,
-        labels=labels,
-        seed=cfg.seed,
-        alpha=d.alpha,
-        similarity=d.similarity,
-        quantity_sigma=d.quantity_sigma,
-        groups=groups,
-    )
+    try:
+        parts = partition(
+            num_examples,
+            cfg.fed.num_clients,
+            d.partition,
+            labels=labels,
+            seed=cfg.seed,
+            alpha=d.alpha,
+            similarity=d.similarity,
+            quantity_sigma=d.quantity_sigma,
+            groups=groups,
+        )
+        splits = {k: split_train_test(parts[k], d.test_fraction, cfg.seed, k) for k in client_ids}
+    except PartitionError as err:
+        raise PartitionError(
+            f"data.partition={d.partition} of {source} ({num_examples} rows) over "
+            f"fed.num_clients={cfg.fed.num_clients}: {err}"
+        ) from err
     out = {}
-    for k in client_ids:
-        train, test = split_train_test(parts[k], d.test_fraction, cfg.seed, k)
+    for k, (train, test) in splits.items():
         out[k] = (
             subsample(train, d.max_train_per_client, cfg.seed, k, seeds.SUBSAMPLE_TRAIN),
             subsample(test, d.max_test_per_client, cfg.seed, k, seeds.SUBSAMPLE_TEST),

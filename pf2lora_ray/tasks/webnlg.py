@@ -144,13 +144,23 @@ class WebNLGTask:
             self._entries = read_entries(self.file)
         return self._entries
 
+    def splits(self, client_ids: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """(train, test) entry indices of each client (categories are labels and groups)."""
+        entries = self.entries()
+        names = np.array([e.category for e in entries])
+        _, category = np.unique(names, return_inverse=True)
+        return client_indices(
+            self.cfg, len(entries), client_ids, labels=category, groups=names, source=str(self.file)
+        )
+
+    def check_data(self) -> None:
+        self.splits(range(self.cfg.fed.num_clients))
+
     def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
         missing = [k for k in client_ids if k not in self._clients]
         if missing:
             entries = self.entries()
-            names = np.array([e.category for e in entries])
-            _, category = np.unique(names, return_inverse=True)
-            splits = client_indices(self.cfg, len(entries), missing, labels=category, groups=names)
+            splits = self.splits(missing)
             for k, (train, test) in splits.items():
                 tr = [(entries[i], t) for i in train for t in entries[i].texts]
                 te = [(entries[i], entries[i].texts[0]) for i in test]
@@ -197,6 +207,10 @@ class WebNLGTask:
         logits = logits[:, :-1].float()  # (batch, seq - 1, vocab)
         total = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
         return total, (labels != -100).sum()
+
+    def loss_weight(self, batch: Batch) -> float:
+        """How many target tokens :meth:`loss` averages over (weights micro-batches)."""
+        return float((batch["labels"][:, 1:] != -100).sum())
 
     def loss(self, model: nn.Module, params: Params, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy over the target tokens of the batch."""
