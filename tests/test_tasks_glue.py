@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -286,9 +285,6 @@ def test_regression_loss_is_mean_squared_error_of_the_first_output(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.skipif(
-    importlib.util.find_spec("pf2lora_ray.runtime.ray_backend") is None, reason="no Ray backend yet"
-)
 @pytest.mark.parametrize(("task", "write"), [("sst2", write_sentiment), ("stsb", write_similarity)])
 def test_tiny_runs_on_ray_match_local(tmp_path, task, write):
     folder = write(tmp_path / task, 60)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -174,9 +173,6 @@ def test_tiny_gpt2_generation_run_reports_bleu_and_rouge(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.skipif(
-    importlib.util.find_spec("pf2lora_ray.runtime.ray_backend") is None, reason="no Ray backend yet"
-)
 def test_tiny_generation_on_ray_matches_local(tmp_path):
     folder = write_webnlg(tmp_path / "data", per_category=4)
     extra = {"fed.rounds": 1, "fed.local_steps": 2, "data.max_new_tokens": 6}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -171,7 +170,6 @@ def test_small_tune_end_to_end(tmp_path: Path) -> None:
         SYNTHETIC_JOB, ["fed.rounds=2", "synthetic.train_size=64", "runtime.quiet=true"]
     )
     out = tmp_path / "tune"
-    t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         best = run_tune(cfg, space, out, samples=1)
@@ -189,4 +187,3 @@ def test_small_tune_end_to_end(tmp_path: Path) -> None:
     chosen = trials.loc[trials["test.mse.mean"].idxmin()]
     assert job.adapter.r_personal == chosen["config/adapter.r_personal"]
     assert job.pf2lora.lr_lower == pytest.approx(chosen["config/pf2lora.lr_lower"])
-    assert time.perf_counter() - t0 < 90
