@@ -1,0 +1,122 @@
+"""The issue-13 study jobs: every (task, method) config builds, the spaces are valid, the
+driver composes the seed job from tuned configs and prints the exact commands.
+
+Nothing here trains MiniLM; configs are only built and validated.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from analysis.study import method_label
+from pf2lora_ray.config import build_config, load_config, split_sweep
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STUDY = REPO_ROOT / "jobs" / "study"
+TASKS = ("sst2", "qnli", "cola", "rte")
+
+
+def load_driver():
+    spec = importlib.util.spec_from_file_location("run_study", STUDY / "run_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+driver = load_driver()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_method_builds_on_every_task(task: str) -> None:
+    base = load_config(STUDY / f"{task}.yaml")
+    assert (base.data.task, base.data.partition, base.fed.num_clients) == (task, "label_sort", 8)
+    assert base.model.name == "minilm"
+    assert Path(base.data.path).is_relative_to("../shared/data/glue")
+    assert base.data.split == ("dev" if task == "qnli" else "train")
+    data = yaml.safe_load((STUDY / f"{task}.yaml").read_text())
+    for profile in driver.PROFILES:
+        sets = driver.set_args(driver.profile_sets(profile, task))[1::2]
+        for method, spec in driver.METHODS.items():
+            keys = driver.set_args(spec["keys"])[1::2]
+            cfg = build_config(data, [*keys, *sets], {})
+            assert cfg.algorithm.name == spec["keys"]["algorithm.name"], method
+
+
+def test_paper_profile_is_the_papers_setting() -> None:
+    sets = driver.profile_sets("paper", "sst2")
+    assert sets["model.name"] == "roberta-base"
+    assert (sets["fed.rounds"], sets["fed.local_steps"], sets["fed.num_clients"]) == (100, 10, 8)
+    assert driver.profile_sets("paper", "cola")["fed.rounds"] == 50
+    assert "--set data.path=null" in " ".join(driver.set_args({"data.path": None}))
+
+
+@pytest.mark.parametrize("method", list(driver.METHODS))
+def test_spaces_search_every_method_with_valid_keys(method: str) -> None:
+    from pf2lora_ray.tune import load_space
+
+    space = driver.task_space("cola", method)
+    assert (space["metric"], space["mode"]) == ("test.mcc.mean", "max")
+    assert "algorithm.lr" in space["space"]
+    path = STUDY.parent / "spaces" / f"{driver.METHODS[method]['space']}.yaml"
+    base = load_config(STUDY / "sst2.yaml")
+    load_space(path, base)  # raises ConfigError on an unknown key or impossible value
+
+
+def test_compose_gives_each_method_its_tuned_rates_on_every_seed() -> None:
+    base = yaml.safe_load((STUDY / "sst2.yaml").read_text())
+    tuned = {
+        "homlora": {**base, "algorithm": {"name": "homlora", "lr": 0.002}},
+        "pf2lora_first_order": {
+            **base,
+            "algorithm": {"name": "pf2lora", "lr": 0.004},
+            "pf2lora": {"hypergrad": "first_order", "lr_lower": 0.5},
+        },
+    }
+    job = driver.compose(base, tuned, [0, 1, 2])
+    labels, configs = zip(*split_sweep(job), strict=True)
+    assert labels == (
+        "homlora-s0",
+        "homlora-s1",
+        "homlora-s2",
+        "pf2lora_first_order-s0",
+        "pf2lora_first_order-s1",
+        "pf2lora_first_order-s2",
+    )
+    assert job["sweep"][0] == {
+        "label": "homlora-s0",
+        "seed": 0,
+        "algorithm.name": "homlora",
+        "algorithm.lr": 0.002,
+    }
+    built = [build_config(data, [], {}) for data in configs]
+    assert [cfg.seed for cfg in built] == [0, 1, 2, 0, 1, 2]
+    first_order = built[4]
+    assert (first_order.pf2lora.hypergrad, first_order.pf2lora.lr_lower) == ("first_order", 0.5)
+    assert first_order.algorithm.lr == 0.004
+    assert {method_label(label, cfg.seed) for label, cfg in zip(labels, built, strict=True)} == {
+        "homlora",
+        "pf2lora_first_order",
+    }
+
+
+def test_dry_run_prints_tune_run_report(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    done = subprocess.run(
+        [sys.executable, str(STUDY / "run_study.py"), "--dry-run", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    commands = [line for line in done.stdout.splitlines() if line.startswith("+ ")]
+    assert len(commands) == 6 + 1 + 1  # a tune per method, the seed run, the report
+    assert all(" tune " in line and "--samples 3 --set seed=0" in line for line in commands[:6])
+    assert f"run {out}/jobs/sst2.yaml --out {out}/runs/sst2" in commands[6]
+    assert commands[7].endswith(f"report {out}/runs")
+    assert not out.exists()
