@@ -325,9 +325,24 @@ SYNTHETIC_SEEDS_JOB = {
 }
 
 
-def test_three_seed_synthetic_comparison_end_to_end(tmp_path: Path) -> None:
+SEEDS_KEY_JOB = {
+    **{key: value for key, value in SYNTHETIC_SEEDS_JOB.items() if key != "sweep"},
+    "seeds": [0, 1, 2],
+    "sweep": [
+        {"label": "pf2lora", "algorithm.name": "pf2lora"},
+        {"label": "homlora", "algorithm.name": "homlora"},
+    ],
+}
+
+
+@pytest.mark.parametrize("form", ["sweep_seed_list", "seeds_key"])
+def test_three_seed_synthetic_comparison_end_to_end(tmp_path: Path, form: str) -> None:
+    """Both ways a job sweeps seeds: a ``sweep:`` mapping with a seed list (folders
+    pf2lora-0, ...) and the ``seeds:`` key (folders pf2lora-s0, variant pf2lora)."""
     job, out = tmp_path / "job.yaml", tmp_path / "out"
-    job.write_text(yaml.safe_dump(SYNTHETIC_SEEDS_JOB))
+    job.write_text(
+        yaml.safe_dump(SYNTHETIC_SEEDS_JOB if form == "sweep_seed_list" else SEEDS_KEY_JOB)
+    )
     cli = [sys.executable, "-m", "pf2lora_ray.cli"]
     for args in (["run", str(job), "--out", str(out), "--quiet"], ["report", str(out)]):
         done = subprocess.run(cli + args, cwd=REPO_ROOT, capture_output=True, text=True)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from analysis.study import method_label
-from pf2lora_ray.config import build_config, load_config, split_sweep
+from pf2lora_ray.config import build_config, expand_job, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDY = REPO_ROOT / "jobs" / "study"
@@ -79,30 +79,31 @@ def test_compose_gives_each_method_its_tuned_rates_on_every_seed() -> None:
         },
     }
     job = driver.compose(base, tuned, [0, 1, 2])
-    labels, configs = zip(*split_sweep(job), strict=True)
-    assert labels == (
+    assert job["seeds"] == [0, 1, 2]
+    assert job["sweep"][0] == {
+        "label": "homlora",
+        "algorithm.name": "homlora",
+        "algorithm.lr": 0.002,
+    }
+    runs = expand_job(job)
+    assert [run.folder for run in runs] == [
         "homlora-s0",
         "homlora-s1",
         "homlora-s2",
         "pf2lora_first_order-s0",
         "pf2lora_first_order-s1",
         "pf2lora_first_order-s2",
-    )
-    assert job["sweep"][0] == {
-        "label": "homlora-s0",
-        "seed": 0,
-        "algorithm.name": "homlora",
-        "algorithm.lr": 0.002,
-    }
-    built = [build_config(data, [], {}) for data in configs]
+    ]
+    built = [build_config(run.overrides, [], {}) for run in runs]
     assert [cfg.seed for cfg in built] == [0, 1, 2, 0, 1, 2]
     first_order = built[4]
     assert (first_order.pf2lora.hypergrad, first_order.pf2lora.lr_lower) == ("first_order", 0.5)
     assert first_order.algorithm.lr == 0.004
-    assert {method_label(label, cfg.seed) for label, cfg in zip(labels, built, strict=True)} == {
+    assert {method_label(run.folder, run.seed) for run in runs} == {
         "homlora",
         "pf2lora_first_order",
     }
+    assert {run.label for run in runs} == {"homlora", "pf2lora_first_order"}
 
 
 def test_dry_run_prints_tune_run_report(tmp_path: Path) -> None:

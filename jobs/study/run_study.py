@@ -9,8 +9,8 @@ Steps, per task (base job ``jobs/study/<task>.yaml``):
 1. ``pf2lora tune`` once per method on seed 0, every method with the same number of
    trials (``--trials``) over its own rate(s) (``jobs/spaces/study_*.yaml``), into
    ``OUT/tune/<task>/<method>/`` (skipped when its best.yaml exists, so a rerun resumes).
-2. A sweep job ``OUT/jobs/<task>.yaml``: the base job plus one variant per (method,
-   seed), labelled ``<method>-s<seed>``, holding the method's keys and its tuned rates.
+2. A job ``OUT/jobs/<task>.yaml``: the base job, ``seeds: [0, 1, 2]`` and one sweep
+   variant per method (label ``<method>``) holding the method's keys and tuned rates.
 3. ``pf2lora run`` of that job into ``OUT/runs/<task>/<method>-s<seed>/``.
 4. ``pf2lora report OUT/runs``: means with 95% Student-t intervals over seeds, paired
    differences PF2LoRA minus each baseline, the personal level (analysis/study.py).
@@ -130,7 +130,7 @@ def task_space(task: str, method: str) -> dict[str, Any]:
 
 
 def compose(base: dict[str, Any], tuned: dict[str, dict[str, Any]], seeds: list[int]) -> dict:
-    """The seed job of one task: ``base`` plus a sweep over (method, seed).
+    """The seed job of one task: ``base`` plus one sweep variant per method, run on ``seeds``.
 
     Args:
         base: The task's job (``jobs/study/<task>.yaml``), without a sweep.
@@ -138,8 +138,9 @@ def compose(base: dict[str, Any], tuned: dict[str, dict[str, Any]], seeds: list[
         seeds: The seeds every method runs.
 
     Returns:
-        ``base`` with ``sweep:`` listing ``{label: <method>-s<seed>, seed: <seed>,
-        <every key where the method's best.yaml differs from base>}``.
+        ``base`` with ``seeds: <seeds>`` and ``sweep:`` listing ``{label: <method>,
+        <every key where the method's best.yaml differs from base>}``; ``pf2lora run``
+        writes each (method, seed) to ``OUT/<method>-s<seed>/``.
     """
     flat_base = flatten(base)
     variants = []
@@ -149,9 +150,9 @@ def compose(base: dict[str, Any], tuned: dict[str, dict[str, Any]], seeds: list[
             for key, value in flatten(best).items()
             if key != "seed" and flat_base.get(key, object()) != value
         }
-        for seed in seeds:
-            variants.append({"label": f"{method}-s{seed}", "seed": seed, **keys})
-    return {**base, "sweep": variants}
+        variants.append({"label": method, **keys})
+    job = {key: value for key, value in base.items() if key != "seed"}
+    return {**job, "seeds": list(seeds), "sweep": variants}
 
 
 class Study:
