@@ -1,0 +1,87 @@
+"""What a tune leaves besides Ray's own folder: trials.parquet and best.yaml."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from ray import tune
+
+from pf2lora_ray.config import Config, flatten, from_dict, set_dotted, to_dict
+from pf2lora_ray.results import write_parquet, write_text
+from pf2lora_ray.tune.space import SPLITS, Space
+
+TRIALS_FILE = "trials.parquet"
+BEST_FILE = "best.yaml"
+CONFIG_PREFIX = "config/"
+
+
+class TrialsWriter(tune.Callback):
+    """Tune callback: rewrite ``trials.parquet`` atomically after every reported result.
+
+    Rows are keyed by (trial_id, round), so a trial restarted on resume
+    overwrites the rounds it reports again. Earlier rows are read back in
+    :meth:`setup` (not ``__init__``: Tune restores this object from its pickle).
+    """
+
+    def __init__(self, path: Path, keys: Sequence[str]) -> None:
+        self.path, self.keys = path, list(keys)
+        self.rows: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def setup(self, **info: Any) -> None:
+        self.rows = {}
+        if self.path.is_file():
+            for row in pd.read_parquet(self.path).to_dict("records"):
+                self.rows[(row["trial_id"], int(row["round"]))] = row
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+        row: dict[str, Any] = {"trial_id": trial.trial_id, "round": int(result["round"])}
+        row |= {k: v for k, v in result.items() if k.split(".")[0] in SPLITS}
+        row |= {f"{CONFIG_PREFIX}{k}": trial.config[k] for k in self.keys}
+        self.rows[(row["trial_id"], row["round"])] = row
+        frame = pd.DataFrame([self.rows[k] for k in sorted(self.rows)])
+        write_parquet(frame, self.path)
+
+
+def overrides_of(cfg: Config) -> dict[str, Any]:
+    """The nested overrides of the defaults that rebuild ``cfg`` (what a job YAML holds)."""
+    defaults = flatten(to_dict(Config()))
+    out: dict[str, Any] = {}
+    for key, value in flatten(to_dict(cfg)).items():
+        if value != defaults.get(key):
+            set_dotted(out, key, value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays (as read back from Parquet) to plain Python for YAML."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def write_best(trials: pd.DataFrame, base: Config, space: Space, out: Path) -> Path:
+    """Write ``best.yaml``: base overrides + fixed + the best trial's values; returns its path.
+
+    The best trial is the one whose last reported ``space.metric`` is best (the
+    same rule as ``pf2lora report``). The file is checked to build a valid config.
+    """
+    from analysis.tables import best_trial
+
+    best = best_trial(trials, space.metric, space.mode)
+    job = overrides_of(base)
+    for key, value in space.fixed.items():
+        set_dotted(job, key, value)
+    for key in space.params:
+        set_dotted(job, key, _plain(best[f"{CONFIG_PREFIX}{key}"]))
+    from_dict(copy.deepcopy(job))
+    header = (
+        f"# Best of {trials['trial_id'].nunique()} trials by {space.metric} ({space.mode}): "
+        f"{float(best[space.metric]):.6g}, trial {best['trial_id']}.\n"
+        f"# Run it with: pf2lora run {out / BEST_FILE}\n"
+    )
+    path = out / BEST_FILE
+    write_text(header + yaml.safe_dump(job, sort_keys=False), path)
+    return path

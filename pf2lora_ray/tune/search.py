@@ -1,0 +1,177 @@
+"""``run_tune``: check everything, reserve trials by placement group, run Ray Tune."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from pf2lora_ray import seeds
+from pf2lora_ray.config import Config, read_yaml
+from pf2lora_ray.experiment import UsageError
+from pf2lora_ray.results import write_text
+from pf2lora_ray.tune.outputs import TRIALS_FILE, TrialsWriter, overrides_of, write_best
+from pf2lora_ray.tune.space import Space, candidate_configs, load_space
+from pf2lora_ray.tune.trial import concurrency, run_trial, trial_bundles, trial_config
+from pf2lora_ray.validate import validate_run
+
+SPEC_FILE = "tune_spec.yaml"
+
+
+def _start_ray(cfg: Config) -> bool:
+    """Reuse an initialised Ray, else connect/start one; returns whether we started it."""
+    if ray.is_initialized():
+        return False
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS") or None
+    # Token authentication stays Ray's default (on).
+    ray.init(address=address, include_dashboard=cfg.runtime.dashboard)
+    return True
+
+
+def _check_out(out: Path, spec: dict[str, Any], resume: bool) -> None:
+    spec_path = out / SPEC_FILE
+    if not resume:
+        if (out / "tune").exists() or spec_path.exists():
+            raise UsageError(
+                f"--out {out} already holds a tune; pass --resume to continue it or choose "
+                "a new folder"
+            )
+        return
+    if not tune.Tuner.can_restore(str(out / "tune")) or not spec_path.is_file():
+        raise UsageError(f"--resume: {out} holds no tune to resume ({out / 'tune'} missing)")
+    saved = yaml.safe_load(spec_path.read_text())
+    if saved != spec:
+        raise UsageError(
+            f"--resume: the base config or space differs from the tune in {out} "
+            f"(saved in {spec_path}); resume with the same CONFIG, --set, --space and --samples"
+        )
+
+
+def _unfinished(out: Path, space: Space, samples: int) -> int:
+    """Trials of the tune in ``out`` not yet terminated or errored, per its saved state."""
+    grid_points = math.prod(len(d.args) for d in space.params.values() if d.kind == "grid")
+    expected = grid_points * (samples if space.search == "random" else 1)
+    trials = tune.ExperimentAnalysis(str(out / "tune")).trials
+    done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    return max(expected, len(trials)) - done
+
+
+def run_tune(
+    cfg: Config,
+    space_path: str | Path,
+    out: str | Path,
+    samples: int = 4,
+    resume: bool = False,
+) -> Path:
+    """Search ``space_path`` around ``cfg`` with Ray Tune; returns the path of best.yaml.
+
+    Args:
+        cfg: the base config; trials set the space's values on it.
+        space_path: SPACE.yaml (module docstring).
+        out: the tune folder (layout in the module docstring).
+        samples: random draws (``search: random``); a grid search runs each point once.
+        resume: continue the interrupted tune in ``out``.
+
+    Raises:
+        ConfigError: a bad space, or a trial that cannot fit the cluster (before any runs).
+        UsageError: ``out`` already holds a tune (without ``resume``) or none (with it).
+        RuntimeError: no trial reported a result.
+        KeyboardInterrupt: the tune was interrupted (its state is saved for ``resume``).
+    """
+    if samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {samples}")
+    space = load_space(space_path, cfg)
+    checked: set[str] = set()
+    for candidate in candidate_configs(cfg, space):  # names, data and partition, as `run` does
+        validate_run(candidate, checked)
+    out = Path(out).resolve()
+    spec = {"base": overrides_of(cfg), "space": read_yaml(space_path), "samples": samples}
+    _check_out(out, spec, resume)
+    started = _start_ray(cfg)
+    try:
+        base_trial = trial_config(cfg, space.fixed)
+        bundles = trial_bundles(base_trial, space.driver_cpus)
+        limit = concurrency(bundles, ray.cluster_resources(), space.max_concurrent)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(yaml.safe_dump(spec, sort_keys=False), out / SPEC_FILE)
+        tuner = _tuner(cfg, space, out, samples, limit, resume)
+        grid = tuner.fit()
+        unfinished = _unfinished(out, space, samples)
+        if unfinished:
+            # Tune returns normally from Ctrl-C after saving its state; a best.yaml
+            # written now would pick among half-run trials.
+            raise KeyboardInterrupt(
+                f"tune interrupted with {unfinished} trial(s) unfinished; continue it with "
+                "the same command plus --resume"
+            )
+        if not (out / TRIALS_FILE).is_file():
+            first = grid.errors[0] if grid.errors else "no error was recorded"
+            raise RuntimeError(f"no trial reported a result; first error: {first}")
+        trials = pd.read_parquet(out / TRIALS_FILE)
+        best = write_best(trials, cfg, space, out)
+        if not cfg.runtime.quiet:
+            print(
+                f"{trials['trial_id'].nunique()} trials ({len(grid.errors)} failed), "
+                f"up to {limit} at a time; best config in {best}"
+            )
+        return best
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _tuner(
+    cfg: Config, space: Space, out: Path, samples: int, limit: int, resume: bool
+) -> tune.Tuner:
+    def pf2lora_trial(values: dict[str, Any]) -> None:
+        run_trial(values, cfg, space, out)
+
+    def resources(values: dict[str, Any]) -> tune.PlacementGroupFactory:
+        trial_cfg = trial_config(cfg, {**space.fixed, **values})
+        return tune.PlacementGroupFactory(trial_bundles(trial_cfg, space.driver_cpus))
+
+    trainable = tune.with_resources(pf2lora_trial, resources)
+    if resume:
+        return tune.Tuner.restore(str(out / "tune"), trainable, resume_errored=True)
+    scheduler = None
+    if space.scheduler == "asha":
+        # ASHA stops every trial at max_t, so it must be the longest run the space allows.
+        rounds = [trial_config(cfg, space.fixed).fed]
+        if "fed.rounds" in space.params:
+            rounds = [
+                trial_config(cfg, {**space.fixed, "fed.rounds": v}).fed
+                for v in space.params["fed.rounds"].candidates()
+            ]
+        max_t = max(fed.rounds for fed in rounds)
+        grace = min(min(fed.eval_every, fed.rounds) for fed in rounds)
+        scheduler = ASHAScheduler(time_attr="round", max_t=max_t, grace_period=grace)
+    return tune.Tuner(
+        trainable,
+        param_space=space.param_space(),
+        tune_config=tune.TuneConfig(
+            metric=space.metric,
+            mode=space.mode,
+            scheduler=scheduler,
+            # The variant generator caps concurrency itself (Tune ignores max_concurrent_trials
+            # next to one); a seeded one makes the sampled configs reproducible.
+            search_alg=BasicVariantGenerator(
+                random_state=seeds.derive(cfg.seed, seeds.TUNE_SEARCH) % 2**32,
+                max_concurrent=limit,
+            ),
+            num_samples=samples if space.search == "random" else 1,
+        ),
+        run_config=tune.RunConfig(
+            storage_path=str(out),
+            name="tune",
+            callbacks=[TrialsWriter(out / TRIALS_FILE, list(space.params))],
+            verbose=0 if cfg.runtime.quiet else 1,
+        ),
+    )
