@@ -25,7 +25,13 @@ from analysis.load import (
     run_folders,
 )
 from analysis.plots import plot_metric_vs_round, plot_rank_heatmap, plot_tune_scatter
-from analysis.study import has_seed_replicates, plot_seed_bars, study_markdown
+from analysis.study import (
+    first_seed_runs,
+    has_seed_replicates,
+    plot_seed_bars,
+    rank_summary,
+    study_markdown,
+)
 from analysis.tables import (
     best_trial,
     client_summary,
@@ -117,7 +123,18 @@ def _write_run_report(folder: Path) -> list[Path]:
         written += _seed_sections(results, folder, lines)
         lines += _metric_sections(results, metric)
         written += _metric_figure(results, metric, folder, lines)
-    if not results.ranks.empty:
+    if not results.ranks.empty and has_seed_replicates(results):
+        # A study holds runs x clients x layers rank rows: summarize per method.
+        lines += [
+            "## Ranks (last round, per method; mean over seeds of each run's client-layer ranks)",
+            "",
+            to_markdown(rank_summary(results.ranks, results.runs)),
+            "Heatmaps: each method's lowest seed.",
+            "",
+        ]
+        first = results.ranks["run_id"].isin(first_seed_runs(results.runs))
+        written += _rank_figures(results.ranks[first], folder, lines)
+    elif not results.ranks.empty:
         lines += ["## Ranks (last round)", "", to_markdown(rank_table(results.ranks))]
         written += _rank_figures(results.ranks, folder, lines)
     if not results.system.empty:

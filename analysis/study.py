@@ -501,6 +501,51 @@ def study_markdown(results: Results, split: str = "test") -> tuple[list[str], pd
     return lines, summary
 
 
+def rank_summary(ranks: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Learned ranks per (task, method), averaged over seeds (a study's rank table).
+
+    Each run's last-round rows (every client and layer) are reduced to the mean,
+    min and max energy rank and, where the true rank is known (synthetic), the
+    fraction of (client, layer) rows whose energy rank equals it; those are then
+    averaged over the method's seeds.
+
+    Returns:
+        Columns task, method, n_seeds, energy_rank_mean, energy_rank_min,
+        energy_rank_max, match (NaN without true ranks); rows in METHOD_ORDER.
+    """
+    if ranks.empty:
+        return pd.DataFrame()
+    last = ranks[ranks["round"] == ranks.groupby("run_id")["round"].transform("max")]
+    known = last["true_rank"].notna()
+    matched = (last["energy_rank"] == last["true_rank"]).where(known).astype(float)
+    per_run = (
+        last.assign(match=matched)
+        .groupby("run_id")
+        .agg(
+            energy_rank_mean=("energy_rank", "mean"),
+            energy_rank_min=("energy_rank", "min"),
+            energy_rank_max=("energy_rank", "max"),
+            match=("match", "mean"),
+        )
+    )
+    methods = run_methods(runs, unique=False).set_index("run_id")
+    per_run = per_run.join(methods[["task", "method", "seed"]], how="inner")
+    table = per_run.groupby(["task", "method"]).agg(
+        n_seeds=("seed", "nunique"),
+        energy_rank_mean=("energy_rank_mean", "mean"),
+        energy_rank_min=("energy_rank_min", "mean"),
+        energy_rank_max=("energy_rank_max", "mean"),
+        match=("match", "mean"),
+    )
+    return _ordered(table.reset_index())
+
+
+def first_seed_runs(runs: pd.DataFrame) -> list[str]:
+    """The run_id of each (task, method)'s lowest seed (whose rank heatmap a study report shows)."""
+    methods = run_methods(runs, unique=False).sort_values(["task", "method", "seed"])
+    return list(methods.drop_duplicates(["task", "method"])["run_id"])
+
+
 def _per_run_display(per_run: pd.DataFrame) -> pd.DataFrame:
     shown = ["task", "method", "seed", "run_id", "metric", "round", "n_clients", "mean"]
     shown += ["worst_decile", "lift", "personal_gain", "norm_D"]

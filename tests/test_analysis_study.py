@@ -25,6 +25,7 @@ from analysis.study import (
     paired_differences,
     per_run_summary,
     plot_seed_bars,
+    rank_summary,
     run_methods,
     seed_summary,
 )
@@ -354,3 +355,40 @@ def test_three_seed_synthetic_comparison_end_to_end(tmp_path: Path, form: str) -
     assert table1.count(" ± ") == 2  # homlora and pf2lora, each with an interval
     assert "| synthetic | mse | pf2lora | homlora | 3 | 0,1,2 |" in report  # paired row
     assert (out / "seeds_bars.png").is_file()
+
+
+def test_rank_summary_averages_last_round_over_seeds() -> None:
+    runs = runs_table(
+        [
+            ("p0", "pf2lora", "pf2lora-s0", 0, "synthetic", None),
+            ("p1", "pf2lora", "pf2lora-s1", 1, "synthetic", None),
+            ("h0", "homlora", "homlora-s0", 0, "synthetic", None),
+        ]
+    )
+    columns = [
+        "run_id",
+        "round",
+        "client_id",
+        "layer",
+        "energy_rank",
+        "threshold_rank",
+        "true_rank",
+    ]
+    rows = [
+        ("p0", 1, 0, "proj", 9, 9, 2),  # not the last round: ignored
+        ("p0", 2, 0, "proj", 2, 2, 2),
+        ("p0", 2, 1, "proj", 4, 4, 3),
+        ("p1", 2, 0, "proj", 2, 2, 2),
+        ("p1", 2, 1, "proj", 3, 3, 3),
+        ("h0", 2, 0, "proj", 2, 2, None),
+    ]
+    ranks = pd.DataFrame(rows, columns=columns).astype({"true_rank": "Int64"})
+    ranks["singular_values"] = [[1.0]] * len(ranks)
+    table = rank_summary(ranks, runs).set_index("method")
+    assert list(table.index) == ["homlora", "pf2lora"]
+    pf2lora = table.loc["pf2lora"]
+    assert pf2lora["n_seeds"] == 2
+    assert pf2lora["energy_rank_mean"] == pytest.approx((3.0 + 2.5) / 2)
+    assert (pf2lora["energy_rank_min"], pf2lora["energy_rank_max"]) == (2.0, 3.5)
+    assert pf2lora["match"] == pytest.approx(0.75)  # seed 0: 1 of 2, seed 1: 2 of 2
+    assert math.isnan(table.loc["homlora", "match"])
