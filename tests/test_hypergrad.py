@@ -197,3 +197,32 @@ def test_first_order_ablation_drops_only_the_mixed_term():
     _, g_x = loss_and_grads(task, model, {**theta, **y_new}, sorted(theta), xis[1])
     for k in theta:
         torch.testing.assert_close(h[k], g_x[k], rtol=0, atol=0)
+
+
+def test_chunked_autograd_hvp_equals_the_whole_batch_product():
+    from pf2lora_ray.algorithms.base import loss_and_grads
+    from pf2lora_ray.algorithms.pf2lora import mixed_hvp
+
+    _, task, model, theta, phi, xis, zeta = setup(0.05)
+    _, v = loss_and_grads(task, model, {**theta, **phi}, sorted(phi), xis[0])
+    whole = mixed_hvp(task, model, theta, phi, v, zeta, "autograd", chunks=1)
+    for chunks in (2, 3, 8):
+        parts = mixed_hvp(task, model, theta, phi, v, zeta, "autograd", chunks=chunks)
+        for k in theta:
+            torch.testing.assert_close(parts[k], whole[k], rtol=1e-12, atol=1e-14)
+
+
+def test_split_batch_weights_slices_by_the_tasks_loss_weight():
+    from pf2lora_ray.algorithms.pf2lora import split_batch
+
+    class TokenMean:  # a task whose loss averages over non-ignored labels
+        def loss_weight(self, batch):
+            return float((batch["labels"] != -100).sum())
+
+    labels = torch.tensor([[1, 2, 3], [4, -100, -100], [5, 6, -100], [7, -100, -100]])
+    batch = {"labels": labels, "input_ids": labels.clamp(min=0), "note": "kept"}
+    parts = split_batch(TokenMean(), batch, 2)
+    assert [w for w, _ in parts] == [4 / 7, 3 / 7]
+    assert parts[0][1]["labels"].shape == (2, 3) and parts[1][1]["note"] == "kept"
+    plain = split_batch(object(), batch, 3)  # no loss_weight: a mean over rows
+    assert [w for w, _ in plain] == [0.25, 0.5, 0.25]  # rows 0 | 1-2 | 3

@@ -20,7 +20,9 @@ Each term is its own forward/backward pass, so no two autograd graphs are
 alive at once. The mixed term is a Hessian-vector product at the OLD y:
 
 - ``pf2lora.hvp: autograd``: grad_x <grad_y F(x, y; zeta), v> by double
-  backward through one forward (the only pass that keeps a graph of a graph);
+  backward (the only pass that keeps a graph of a graph), taken over
+  ``pf2lora.hvp_chunks`` row slices of zeta in turn and summed by their share
+  of the mean: exact, and the double graph alive at once is one slice's;
 - ``pf2lora.hvp: finite_difference``: (grad_x F(x, y + eps v) - grad_x F(x, y - eps v)) / 2 eps
   on zeta, two plain forward/backward passes. eps = ``pf2lora.fd_eps`` / ||v||,
   so the probe moves y by exactly ``fd_eps`` in parameter space whatever the
@@ -121,6 +123,29 @@ def hypergradient(
     return f_val, h, {k: v.detach() for k, v in phi_new.items()}
 
 
+def split_batch(task: Task, batch: Batch, parts: int) -> list[tuple[float, Batch]]:
+    """``batch`` as up to ``parts`` row slices, each with its share of the loss's mean.
+
+    A task's loss is a mean over examples (or, for a task with a ``loss_weight``
+    method, over what that counts, e.g. target tokens), so the mean over the
+    batch is the share-weighted sum of the slices' means: exact, and each
+    slice's autograd graph is a fraction of the whole batch's. Slices keep the
+    batch's padding, so they see exactly the same inputs.
+    """
+    rows = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+    bounds = [int(b) for b in torch.linspace(0, rows, min(parts, rows) + 1).round()]
+    slices = [
+        {k: v[lo:hi] if isinstance(v, torch.Tensor) and v.shape[:1] == (rows,) else v
+         for k, v in batch.items()}
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    weigh = getattr(task, "loss_weight", None)
+    sizes = [weigh(b) if weigh else float(hi - lo)
+             for b, lo, hi in zip(slices, bounds[:-1], bounds[1:], strict=True)]
+    total = sum(sizes)
+    return [(size / total, b) for size, b in zip(sizes, slices, strict=True) if size > 0]
+
+
 def mixed_hvp(
     task: Task,
     model: nn.Module,
@@ -130,35 +155,44 @@ def mixed_hvp(
     zeta: Batch,
     mode: str = "autograd",
     fd_eps: float = 1e-3,
+    chunks: int = 1,
 ) -> Tensors:
     """grad2_xy F(theta, phi; zeta) @ v: how grad_theta F moves when phi moves along v.
 
-    ``autograd``: grad_theta <grad_phi F, v> (double backward, one graph).
+    ``autograd``: grad_theta <grad_phi F, v> (double backward), over ``chunks``
+    row slices of zeta in turn, summed by their share of the mean
+    (:func:`split_batch`), so only one slice's double graph is alive at a time.
     ``finite_difference``: central difference of grad_theta F at phi +- eps v,
     eps = fd_eps / ||v|| (two plain passes; v = 0 gives 0).
     """
     x_names, y_names = sorted(theta), sorted(phi)
+    zero = {k: torch.zeros_like(theta[k]) for k in x_names}
     if mode == "finite_difference":
         norm = float(torch.sqrt(sum((v[k].double() ** 2).sum() for k in y_names)))
         if norm == 0.0:
-            return {k: torch.zeros_like(theta[k]) for k in x_names}
+            return zero
         eps = fd_eps / norm
         shifted = lambda sign: {k: phi[k] + sign * eps * v[k] for k in y_names}  # noqa: E731
         _, g_plus = loss_and_grads(task, model, {**theta, **shifted(1.0)}, x_names, zeta)
         _, g_minus = loss_and_grads(task, model, {**theta, **shifted(-1.0)}, x_names, zeta)
         return {k: (g_plus[k] - g_minus[k]) / (2 * eps) for k in x_names}
-    x = {k: t.detach().requires_grad_(True) for k, t in theta.items()}
-    y = {k: t.detach().requires_grad_(True) for k, t in phi.items()}
-    loss = task.loss(model, {**x, **y}, zeta)
-    g_y = torch.autograd.grad(loss, [y[k] for k in y_names], create_graph=True, allow_unused=True)
-    inner = sum((g * v[k]).sum() for k, g in zip(y_names, g_y, strict=True) if g is not None)
-    if not isinstance(inner, torch.Tensor) or not inner.requires_grad:
-        return {k: torch.zeros_like(theta[k]) for k in x_names}
-    out = torch.autograd.grad(inner, [x[k] for k in x_names], allow_unused=True)
-    return {
-        k: (torch.zeros_like(theta[k]) if g is None else g)
-        for k, g in zip(x_names, out, strict=True)
-    }
+    out = zero
+    for share, part in split_batch(task, zeta, chunks):
+        x = {k: t.detach().requires_grad_(True) for k, t in theta.items()}
+        y = {k: t.detach().requires_grad_(True) for k, t in phi.items()}
+        loss = task.loss(model, {**x, **y}, part)
+        g_y = torch.autograd.grad(
+            loss, [y[k] for k in y_names], create_graph=True, allow_unused=True
+        )
+        inner = sum((g * v[k]).sum() for k, g in zip(y_names, g_y, strict=True) if g is not None)
+        if not isinstance(inner, torch.Tensor) or not inner.requires_grad:
+            continue  # phi does not reach this loss: no mixed term
+        grads = torch.autograd.grad(inner, [x[k] for k in x_names], allow_unused=True)
+        out = {
+            k: out[k] if g is None else out[k] + share * g
+            for k, g in zip(x_names, grads, strict=True)
+        }
+    return out
 
 
 def paper_step(
@@ -171,6 +205,7 @@ def paper_step(
     second_order: bool = True,
     hvp: str = "autograd",
     fd_eps: float = 1e-3,
+    hvp_chunks: int = 1,
 ) -> tuple[float, Tensors, Tensors]:
     """One step of Algorithm 1: (F(x, y+; xi), h, y+) from the batches pi, xi, xi~, zeta.
 
@@ -184,7 +219,7 @@ def paper_step(
     f_val, h = loss_and_grads(task, model, {**theta, **phi_new}, x_names, batches[XI])
     if second_order and beta != 0.0:
         _, v = loss_and_grads(task, model, {**theta, **phi_new}, y_names, batches[XI_TILDE])
-        mixed = mixed_hvp(task, model, theta, phi, v, batches[ZETA], hvp, fd_eps)
+        mixed = mixed_hvp(task, model, theta, phi, v, batches[ZETA], hvp, fd_eps, hvp_chunks)
         h = {k: h[k] - beta * mixed[k] for k in x_names}
     return f_val, h, phi_new
 
@@ -222,7 +257,7 @@ class PF2LoRA(Algorithm):
                 batches = {p: next(s) for p, s in streams.items()}
                 f_val, h, params = paper_step(
                     task, model, theta, params, batches, opts.lr_lower, second_order,
-                    opts.hvp, opts.fd_eps,
+                    opts.hvp, opts.fd_eps, opts.hvp_chunks,
                 )
                 theta = upper.step(theta, h)
         else:
