@@ -183,12 +183,9 @@ class ClientHost:
         theta_t = self._to_torch(theta)
         out = EvalResult()
         for k in self.client_ids if client_ids is None else sorted(client_ids):
-            ctx = RoundContext(self.cfg.seed, round_, k)
-            with torch.enable_grad():
-                params = self.algorithm.eval_params(
-                    self.task, self.model, theta_t, self.personal_state(k), self.data[k], ctx
-                )
+            params = self.eval_params(theta_t, round_, k)
             metrics = self.task.evaluate(self.model, params, self.data[k])
+            metrics |= self.algorithm.diagnostics(self.task, self.model, params, self.data[k])
             out.rows += [
                 {"client_id": k, "split": "test", "metric": m, "value": float(v)}
                 for m, v in sorted(metrics.items())
@@ -196,6 +193,19 @@ class ClientHost:
             out.ranks += self.ranks(params, k)
         out.compute_s, out.peak_rss_mb = time.perf_counter() - t0, peak_rss_mb()
         return out
+
+    def eval_params(self, theta: Tensors, round_: int, client_id: int) -> dict[str, torch.Tensor]:
+        """The parameters client ``client_id`` is evaluated with after round ``round_``.
+
+        ``algorithm.eval_params`` of (theta, phi_k) with the round's context; what
+        :meth:`evaluate` scores and what ``pf2lora export`` writes.
+        """
+        ctx = RoundContext(self.cfg.seed, round_, client_id)
+        with torch.enable_grad():  # Per-FedAvg / HOMLoRA-FT take gradient steps here
+            return self.algorithm.eval_params(
+                self.task, self.model, theta, self.personal_state(client_id),
+                self.data[client_id], ctx,
+            )
 
     def ranks(self, params: dict[str, torch.Tensor], client_id: int) -> list[dict]:
         """Energy and threshold rank of every adapted layer's dW for one client."""
@@ -212,7 +222,6 @@ class ClientHost:
                 {
                     "client_id": client_id,
                     "layer": layer,
-            metrics |= self.algorithm.diagnostics(self.task, self.model, params, self.data[k])
                     "energy_rank": energy_rank(s, self.cfg.rank.tau),
                     "threshold_rank": threshold_rank(s, self.cfg.rank.eps),
                     "singular_values": s.tolist(),

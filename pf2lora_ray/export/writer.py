@@ -1,59 +1,10 @@
-"""Export a client's personalized model as a standard PEFT LoRA adapter, and predict with it.
-
-Client k's adapted layer computes W0 + s B A + s~ D_k C_k (PF2LORA.md, Model), and
-
-    s B A + s~ D_k C_k = [s B, s~ D_k] @ [A; C_k],
-
-so client k's whole update is ONE LoRA of rank r + r~ per layer with
-``lora_B = [s B, s~ D_k]`` (m x (r + r~)) and ``lora_A = [A; C_k]`` ((r + r~) x n).
-The export folds the scales into lora_B and sets ``lora_alpha = r + r~`` so that
-PEFT's own scaling lora_alpha / r is exactly 1. ``--shared-only`` exports the
-global adapter theta alone (lora_A = A, lora_B = s B; PF2LoRA's C, D dropped).
-
-Every algorithm exports alike: a layer's A, B, C, D are looked up by name in the
-parameters the client is evaluated with (``Algorithm.eval_params`` of
-{**theta, **phi_k}), so LoRA factors that an algorithm keeps personal (local-only
-LoRA, FedSA-LoRA's B) and evaluation-time personalisation (Per-FedAvg's step,
-HetLoRA's rank truncation, HOMLoRA-FT's fine-tune, at the checkpoint's round)
-are exported as the simulation evaluated them.
-
-An export folder ``OUT`` holds::
-
-    adapter_config.json        peft LoraConfig (task_type SEQ_CLS / CAUSAL_LM, r, target_modules...)
-    adapter_model.safetensors  base_model.model.<layer>.lora_A.weight / .lora_B.weight,
-                               and the trained head as base_model.model.<head>.weight/.bias
-    pf2lora.json               provenance: run id, client, round, model, task, label names
-    tokenizer files            so prediction works offline
-    base_model/                only when the base model was built in code (tiny-*): its weights
-
-Loading an export with PEFT (any transformers model; the head is restored from
-the adapter, so ``num_labels`` must match)::
-
-    import json
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    out = "exports/client3"
-    info = json.load(open(f"{out}/pf2lora.json"))
-    base = AutoModelForSequenceClassification.from_pretrained(
-        info["base_model"], num_labels=info["num_labels"]
-    )
-    model = PeftModel.from_pretrained(base, out).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    logits = model(**tokenizer("a gorgeous film", return_tensors="pt")).logits
-    print(info["labels"][int(logits.argmax(-1))])
-
-(``AutoModelForCausalLM`` for ``task_type: CAUSAL_LM``; pass ``gguf_file=info["gguf_file"]``
-when it is set.) Or from the command line: ``pf2lora export RUN --client 3 --to OUT``
-then ``pf2lora predict OUT --text "a gorgeous film"``.
-"""
+"""Write a client's model of a run as a PEFT LoRA adapter (the math: :mod:`pf2lora_ray.export`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +13,14 @@ import torch
 from torch import nn
 
 from pf2lora_ray import seeds
-from pf2lora_ray.algorithms import ALGORITHMS
-from pf2lora_ray.algorithms.base import Algorithm, Partition, RoundContext, Tensors
+from pf2lora_ray.algorithms.base import Tensors
 from pf2lora_ray.checkpoint import CheckpointError, load_checkpoint
-from pf2lora_ray.client import Arrays, build_adapted_model
+from pf2lora_ray.client import Arrays, ClientHost
 from pf2lora_ray.config import Config, load_config
 from pf2lora_ray.experiment import UsageError
 from pf2lora_ray.lora import SHARED_FACTORS, TwoLevelLoRALinear, factor_names, lora_layers
 from pf2lora_ray.results import run_id_for
-from pf2lora_ray.tasks import Task, task_for
+from pf2lora_ray.tasks import Task
 
 INFO_FILE = "pf2lora.json"
 BASE_DIR = "base_model"
@@ -114,11 +64,7 @@ def check_client(cfg: Config, client: int) -> None:
 
 
 def client_params(
-    cfg: Config,
-    task: Task,
-    algorithm: Algorithm,
-    model: nn.Module,
-    roles: Partition,
+    host: ClientHost,
     round_: int,
     theta: Arrays,
     personal: dict[int, Arrays],
@@ -127,42 +73,42 @@ def client_params(
 ) -> Tensors:
     """Name-keyed model parameters of client ``client``'s model (or of the global one).
 
-    Personalized: ``algorithm.eval_params`` of (theta, phi_k) with the context of
-    the checkpoint's round, i.e. the parameters its evaluation used. Shared-only:
-    theta; a head the algorithm keeps personal comes from ``client``'s phi, since
-    there is no global head. Entries that are not model parameters (algorithm
-    state such as HetLoRA's rank) are dropped.
+    Personalized: exactly what evaluation scores after round ``round_``
+    (:meth:`ClientHost.eval_params` with the client's checkpointed phi restored on
+    ``host``). Shared-only: theta; a head the algorithm keeps personal comes from
+    ``client``'s phi, since there is no global head. Entries that are not model
+    parameters (algorithm state such as HetLoRA's rank) are dropped.
 
     Raises:
         UsageError: the client is out of range, or ``shared_only`` for an
             algorithm that keeps LoRA factors personal (no global adapter).
         CheckpointError: the checkpoint lacks the client's personal state.
     """
-    check_client(cfg, client)
+    check_client(host.cfg, client)
+    model = host.model
     names = dict(model.named_parameters())
-    phi = _tensors(personal.get(client, {}))
-    missing = [k for k in roles.personal if k not in phi]
+    phi = personal.get(client, {})
+    missing = [k for k in host.roles.personal if k not in phi]
     if missing:
         raise CheckpointError(
             f"checkpoint has no personal state {missing[:3]} for client {client}; "
             f"its clients are {sorted(personal)}"
         )
+    theta_t = _tensors(theta)
     if shared_only:
         lora = factor_names(model, SHARED_FACTORS)
         kept = [k for k in lora if k not in theta]
         if kept:
             raise UsageError(
-                f"--shared-only: algorithm {cfg.algorithm.name} keeps {kept[0]} (and "
+                f"--shared-only: algorithm {host.cfg.algorithm.name} keeps {kept[0]} (and "
                 f"{len(kept) - 1} more LoRA factors) personal, so there is no global adapter; "
                 "export a client's personalized adapter instead"
             )
-        head = set(task.head_names(model))
-        params = {**{k: v for k, v in phi.items() if k in head}, **_tensors(theta)}
+        head = set(host.task.head_names(model))
+        params = {**{k: v for k, v in _tensors(phi).items() if k in head}, **theta_t}
     else:
-        data = task.client_data([client])[client]
-        ctx = RoundContext(cfg.seed, round_, client)
-        with torch.enable_grad():  # Per-FedAvg / HOMLoRA-FT take gradient steps here
-            params = algorithm.eval_params(task, model, _tensors(theta), phi, data, ctx)
+        host.set_personal({client: phi})
+        params = host.eval_params(theta_t, round_, client)
     return {k: v.detach() for k, v in params.items() if k in names}
 
 
@@ -280,14 +226,12 @@ def export_peft(
     cfg, round_, theta, personal = load_run(run_dir)
     check_client(cfg, client)
     _check_out(out)
-    algorithm = ALGORITHMS[cfg.algorithm.name](cfg)
-    task = task_for(cfg)
-    model = build_adapted_model(cfg, task, algorithm)
+    # The client's model is built by the code evaluation uses (one ClientHost
+    # serving this client), so the export is the model the run scored.
+    host = ClientHost(cfg, [client], device="cpu")
+    model, task = host.model, host.task
     head = task.head_names(model)
-    roles = algorithm.partition(model, head)
-    params = client_params(
-        cfg, task, algorithm, model, roles, round_, theta, personal, client, shared_only
-    )
+    params = client_params(host, round_, theta, personal, client, shared_only)
     tensors, rank = peft_state(model, params, head, shared_only)
     layers = lora_layers(model)
     base_ref = _base_reference(model, base_model)
@@ -359,107 +303,3 @@ def _save_tokenizer(cfg: Config, folder: Path) -> None:
 
     load_tokenizer(cfg.model).save_pretrained(str(folder))
 
-
-# ------------------------------------------------------------------ predict
-
-
-def load_export(adapter_dir: str | Path) -> tuple[nn.Module, Any, dict]:
-    """(PeftModel in eval mode, tokenizer, pf2lora.json) of an export folder.
-
-    Raises:
-        UsageError: not an export folder, or an export whose base is not a
-            transformers model (synthetic; load it onto your module with
-            ``PeftModel.from_pretrained(module, OUT)``).
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = Path(adapter_dir)
-    if not (folder / INFO_FILE).is_file() or not (folder / "adapter_config.json").is_file():
-        raise UsageError(
-            f"{folder}: not a pf2lora export (needs {INFO_FILE} and adapter_config.json); "
-            "write one with `pf2lora export RUN --client K --to OUT`"
-        )
-    info = json.loads((folder / INFO_FILE).read_text())
-    autos = {"SEQ_CLS": AutoModelForSequenceClassification, "CAUSAL_LM": AutoModelForCausalLM}
-    if info["task_type"] not in autos:
-        raise UsageError(
-            f"{folder}: model {info['model']!r} is not a transformers text model, so there is "
-            "nothing to predict from text; load the adapter onto your own module with "
-            "peft.PeftModel.from_pretrained(module, OUT)"
-        )
-    # A moved export keeps its saved base model beside the adapter.
-    base = folder / BASE_DIR if (folder / BASE_DIR).is_dir() else info["base_model"]
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, info["dtype"])}
-    if info.get("gguf_file"):
-        kwargs["gguf_file"] = info["gguf_file"]
-    if info["task_type"] == "SEQ_CLS" and info.get("num_labels"):
-        kwargs["num_labels"] = info["num_labels"]
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = _load_base(autos[info["task_type"]], str(base), kwargs, folder)
-    if model.config.pad_token_id is None:
-        # As models.load_model: GPT-2/Llama classifiers pool the last non-pad token.
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return PeftModel.from_pretrained(model, str(folder)).eval(), tokenizer, info
-
-
-def _load_base(auto: Any, base: str, kwargs: dict[str, Any], folder: Path) -> nn.Module:
-    """The base model; every weight must come from ``base`` except the adapter's head.
-
-    transformers' load report would call the head "newly initialized" although
-    the adapter restores it, so the report is muted for this one call and the
-    missing weights are checked here instead.
-    """
-    from peft import LoraConfig
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, loading = auto.from_pretrained(base, output_loading_info=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    restored = tuple(f"{m}." for m in LoraConfig.from_pretrained(str(folder)).modules_to_save or ())
-    missing = sorted(k for k in loading["missing_keys"] if not k.startswith(restored))
-    if missing:
-        raise UsageError(
-            f"{base}: base model lacks {len(missing)} weights ({', '.join(missing[:3])}...), so "
-            "it is not the run's base model; export again with the right base_model"
-        )
-    return model
-
-
-@torch.no_grad()
-def predict(adapter_dir: str | Path, text: str, max_new_tokens: int = 32) -> str:
-    """Run an export on ``text``: the label and class probabilities, or generated text.
-
-    Classification gives ``label  (name p, name p, ...)``; a one-output
-    regression head gives ``score x``; a causal LM gives its greedy
-    continuation of ``text`` (up to ``max_new_tokens`` tokens).
-    """
-    return predict_many(adapter_dir, [text], max_new_tokens)[0]
-
-
-@torch.no_grad()
-def predict_many(
-    adapter_dir: str | Path, texts: Sequence[str], max_new_tokens: int = 32
-) -> list[str]:
-    """:func:`predict` for several texts, loading the model once."""
-    model, tokenizer, info = load_export(adapter_dir)
-    return [_predict_one(model, tokenizer, info, t, max_new_tokens) for t in texts]
-
-
-def _predict_one(model: nn.Module, tokenizer: Any, info: dict, text: str, max_new: int) -> str:
-    enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=info["max_length"])
-    if info["task_type"] == "CAUSAL_LM":
-        ids = model.generate(
-            **enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        return tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    logits = model(**enc).logits[0].float()  # (num_labels,)
-    if logits.numel() == 1:
-        return f"score {float(logits[0]):.4f}"
-    probs = torch.softmax(logits, -1).tolist()
-    labels = info.get("labels") or [str(i) for i in range(len(probs))]
-    detail = ", ".join(f"{name} {p:.3f}" for name, p in zip(labels, probs, strict=True))
-    return f"{labels[int(np.argmax(probs))]}  ({detail})"

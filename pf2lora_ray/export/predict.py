@@ -1,0 +1,117 @@
+"""Load an export with PEFT and run it on text (``pf2lora predict OUT --text ...``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pf2lora_ray.experiment import UsageError
+from pf2lora_ray.export.writer import BASE_DIR, INFO_FILE
+
+
+def load_export(adapter_dir: str | Path) -> tuple[nn.Module, Any, dict]:
+    """(PeftModel in eval mode, tokenizer, pf2lora.json) of an export folder.
+
+    Raises:
+        UsageError: not an export folder, or an export whose base is not a
+            transformers model (synthetic; load it onto your module with
+            ``PeftModel.from_pretrained(module, OUT)``).
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(adapter_dir)
+    if not (folder / INFO_FILE).is_file() or not (folder / "adapter_config.json").is_file():
+        raise UsageError(
+            f"{folder}: not a pf2lora export (needs {INFO_FILE} and adapter_config.json); "
+            "write one with `pf2lora export RUN --client K --to OUT`"
+        )
+    info = json.loads((folder / INFO_FILE).read_text())
+    autos = {"SEQ_CLS": AutoModelForSequenceClassification, "CAUSAL_LM": AutoModelForCausalLM}
+    if info["task_type"] not in autos:
+        raise UsageError(
+            f"{folder}: model {info['model']!r} is not a transformers text model, so there is "
+            "nothing to predict from text; load the adapter onto your own module with "
+            "peft.PeftModel.from_pretrained(module, OUT)"
+        )
+    # A moved export keeps its saved base model beside the adapter.
+    base = folder / BASE_DIR if (folder / BASE_DIR).is_dir() else info["base_model"]
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, info["dtype"])}
+    if info.get("gguf_file"):
+        kwargs["gguf_file"] = info["gguf_file"]
+    if info["task_type"] == "SEQ_CLS" and info.get("num_labels"):
+        kwargs["num_labels"] = info["num_labels"]
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = _load_base(autos[info["task_type"]], str(base), kwargs, folder)
+    if model.config.pad_token_id is None:
+        # As models.load_model: GPT-2/Llama classifiers pool the last non-pad token.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return PeftModel.from_pretrained(model, str(folder)).eval(), tokenizer, info
+
+
+def _load_base(auto: Any, base: str, kwargs: dict[str, Any], folder: Path) -> nn.Module:
+    """The base model; every weight must come from ``base`` except the adapter's head.
+
+    transformers' load report would call the head "newly initialized" although
+    the adapter restores it, so the report is muted for this one call and the
+    missing weights are checked here instead.
+    """
+    from peft import LoraConfig
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, loading = auto.from_pretrained(base, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    restored = tuple(f"{m}." for m in LoraConfig.from_pretrained(str(folder)).modules_to_save or ())
+    missing = sorted(k for k in loading["missing_keys"] if not k.startswith(restored))
+    if missing:
+        raise UsageError(
+            f"{base}: base model lacks {len(missing)} weights ({', '.join(missing[:3])}...), so "
+            "it is not the run's base model; export again with the right base_model"
+        )
+    return model
+
+
+@torch.no_grad()
+def predict(adapter_dir: str | Path, text: str, max_new_tokens: int = 32) -> str:
+    """Run an export on ``text``: the label and class probabilities, or generated text.
+
+    Classification gives ``label  (name p, name p, ...)``; a one-output
+    regression head gives ``score x``; a causal LM gives its greedy
+    continuation of ``text`` (up to ``max_new_tokens`` tokens).
+    """
+    return predict_many(adapter_dir, [text], max_new_tokens)[0]
+
+
+@torch.no_grad()
+def predict_many(
+    adapter_dir: str | Path, texts: Sequence[str], max_new_tokens: int = 32
+) -> list[str]:
+    """:func:`predict` for several texts, loading the model once."""
+    model, tokenizer, info = load_export(adapter_dir)
+    return [_predict_one(model, tokenizer, info, t, max_new_tokens) for t in texts]
+
+
+def _predict_one(model: nn.Module, tokenizer: Any, info: dict, text: str, max_new: int) -> str:
+    enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=info["max_length"])
+    if info["task_type"] == "CAUSAL_LM":
+        ids = model.generate(
+            **enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        return tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    logits = model(**enc).logits[0].float()  # (num_labels,)
+    if logits.numel() == 1:
+        return f"score {float(logits[0]):.4f}"
+    probs = torch.softmax(logits, -1).tolist()
+    labels = info.get("labels") or [str(i) for i in range(len(probs))]
+    detail = ", ".join(f"{name} {p:.3f}" for name, p in zip(labels, probs, strict=True))
+    return f"{labels[int(np.argmax(probs))]}  ({detail})"
