@@ -21,6 +21,7 @@ from pf2lora_ray.experiment import UsageError
 from pf2lora_ray.lora import SHARED_FACTORS, TwoLevelLoRALinear, factor_names, lora_layers
 from pf2lora_ray.results import run_id_for
 from pf2lora_ray.tasks import Task
+from pf2lora_ray.validate import check_names
 
 INFO_FILE = "pf2lora.json"
 BASE_DIR = "base_model"
@@ -43,6 +44,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, int, Arrays, dict[int, Arrays
         hint = f"; it holds the runs {runs}, pass one of those folders" if runs else ""
         raise UsageError(f"{run_dir}: not a run folder (no config.yaml){hint}")
     cfg = load_config(run_dir / "config.yaml")
+    check_names(cfg)  # a config.yaml edited by hand may name no registered algorithm or task
     if not (run_dir / "checkpoints" / "latest.json").is_file():
         raise CheckpointError(
             f"{run_dir}: no checkpoint (checkpoints/latest.json missing); export needs a run "

@@ -46,6 +46,7 @@ from pf2lora_ray.tasks.text import (
     header_fields,
     pad,
     param_device,
+    quiet_loggers,
     read_table,
 )
 
@@ -275,7 +276,9 @@ class GlueTask:
         import datasets
 
         try:
-            return datasets.load_dataset("nyu-mll/glue", self.name, split=self.cfg.data.split)
+            # Retries are logged as warnings; the DataError below says what failed.
+            with quiet_loggers("huggingface_hub", "datasets"):
+                return datasets.load_dataset("nyu-mll/glue", self.name, split=self.cfg.data.split)
         except (OSError, ValueError) as err:
             raise DataError(
                 f"data.path is not set and glue/{self.name} could not be loaded from the hub "

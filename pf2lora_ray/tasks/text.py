@@ -13,9 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,20 +84,32 @@ def read_table(file: Path, column_names: Sequence[str] | None = None) -> Any:
     # line that carries the parser's message), so both are off for this call.
     bars_were_off = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
-    log = logging.getLogger("datasets")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
     try:
-        return datasets.load_dataset(
-            builder, data_files={"data": str(file)}, split="data", keep_in_memory=True, **kwargs
-        )
+        with quiet_loggers("datasets"):
+            return datasets.load_dataset(
+                builder, data_files={"data": str(file)}, split="data", keep_in_memory=True,
+                **kwargs,
+            )
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
         detail = err.__cause__ if isinstance(err.__cause__, Exception) else err
         raise DataError(f"{file}: cannot read it as {builder}: {detail}") from err
     finally:
-        log.setLevel(level)
         if not bars_were_off:
             datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Silence the named libraries' loggers for a block; their errors become ours."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 def subsample(idx: np.ndarray, limit: int, seed: int, client: int, purpose: str) -> np.ndarray:
