@@ -75,7 +75,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
-    from pf2lora_ray.experiment import UsageError
+    from pf2lora_ray.validate import UsageError
 
     if not Path(args.dir).is_dir():
         raise UsageError(f"{args.dir}: no such results folder")

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pf2lora_ray.experiment import UsageError
 from pf2lora_ray.export.writer import BASE_DIR, INFO_FILE
+from pf2lora_ray.validate import UsageError
 
 
 def load_export(adapter_dir: str | Path) -> tuple[nn.Module, Any, dict]:

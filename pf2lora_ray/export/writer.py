@@ -17,11 +17,10 @@ from pf2lora_ray.algorithms.base import Tensors
 from pf2lora_ray.checkpoint import CheckpointError, load_checkpoint
 from pf2lora_ray.client import Arrays, ClientHost
 from pf2lora_ray.config import Config, load_config
-from pf2lora_ray.experiment import UsageError
 from pf2lora_ray.lora import SHARED_FACTORS, TwoLevelLoRALinear, factor_names, lora_layers
 from pf2lora_ray.results import run_id_for
 from pf2lora_ray.tasks import Task
-from pf2lora_ray.validate import check_names
+from pf2lora_ray.validate import UsageError, check_names
 
 INFO_FILE = "pf2lora.json"
 BASE_DIR = "base_model"
