@@ -13,6 +13,7 @@ from analysis.study import (
     per_run_summary,
     personal_table,
     plot_seed_bars,
+    rank_summary,
     seed_summary,
 )
 from analysis.tables import (
@@ -48,6 +49,7 @@ __all__ = [
     "plot_rank_heatmap",
     "plot_seed_bars",
     "plot_tune_scatter",
+    "rank_summary",
     "rank_table",
     "seed_summary",
     "system_summary",
