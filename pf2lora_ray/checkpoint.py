@@ -121,7 +121,7 @@ class CheckpointWriter:
         crash = self.cfg.faults.crash_driver_at_round
         if (every and report.round % every == 0) or report.round in (last, crash):
             save_checkpoint(
-                self.run_dir, self.cfg, report.round, state.theta, state.backend.get_personal()
+                self.run_dir, self.cfg, report.round, state.theta, state.backend.snapshot()
             )
 
     def on_end(self, state: DriverState, status: str) -> None:

@@ -45,6 +45,7 @@ class TrainResult:
     peak_rss_mb: float = 0.0
     dropped: list[int] = field(default_factory=list)  # lost after faults.max_retries retries
     faults: list[str] = field(default_factory=list)  # actor failures met (and how handled)
+    client_s: dict[int, float] = field(default_factory=dict)  # each client's update, seconds
 
 
 @dataclass
@@ -108,7 +109,7 @@ class ClientHost:
         self.task = task_for(cfg)
         self.model = build_adapted_model(cfg, self.task, self.algorithm).to(self.device)
         self.roles = self.algorithm.partition(self.model, self.task.head_names(self.model))
-        self.data = self.task.client_data(self.client_ids)
+        self.data = ClientDataCache(self.task, self.client_ids)
         self.personal: dict[int, Tensors] = {}
 
     # ------------------------------------------------------------ state
@@ -142,6 +143,25 @@ class ClientHost:
         for k, arrays in states.items():
             self.personal[int(k)] = self._to_torch(arrays)
 
+    def take_state(self, client_ids: Sequence[int]) -> dict[int, Arrays]:
+        """Hand clients over to another host: their whole personal state, dropped here.
+
+        A client that has no state yet is not in the result; the receiver then
+        creates the same initial state from (seed, client).
+        """
+        out = {int(k): _to_numpy(self.personal.pop(int(k))) for k in client_ids
+               if int(k) in self.personal}
+        gone = {int(k) for k in client_ids}
+        self.client_ids = [k for k in self.client_ids if k not in gone]
+        for k in gone:
+            self.data.pop(k, None)
+        return out
+
+    def put_state(self, states: dict[int, Arrays]) -> None:
+        """Take over clients handed over by :meth:`take_state`; this host is now their home."""
+        self.set_personal(states)
+        self.client_ids = sorted(set(self.client_ids) | {int(k) for k in states})
+
     def _to_torch(self, arrays: Arrays) -> Tensors:
         return {k: torch.from_numpy(np.array(v)).to(self.device) for k, v in arrays.items()}
 
@@ -155,8 +175,9 @@ class ClientHost:
         t0 = time.perf_counter()
         theta_t = self._to_torch(theta)
         summed = {k: np.zeros(v.shape, np.float64) for k, v in theta.items()}
-        total, rows = 0.0, []
+        total, rows, seconds = 0.0, [], {}
         for k in sorted(client_ids):
+            t_k = time.perf_counter()
             ctx = RoundContext(self.cfg.seed, round_, k)
             local = self.algorithm.local_update(
                 self.task, self.model, dict(theta_t), self.personal_state(k), self.data[k], ctx
@@ -170,8 +191,10 @@ class ClientHost:
                 {"client_id": k, "split": "train", "metric": m, "value": float(v)}
                 for m, v in sorted(local.metrics.items())
             ]
+            seconds[k] = time.perf_counter() - t_k
         return TrainResult(
-            summed, total, sorted(client_ids), rows, time.perf_counter() - t0, peak_rss_mb()
+            summed, total, sorted(client_ids), rows, time.perf_counter() - t0, peak_rss_mb(),
+            client_s=seconds,
         )
 
     @torch.no_grad()
@@ -229,6 +252,24 @@ class ClientHost:
                 }
             )
         return rows
+
+
+class ClientDataCache(dict):
+    """Client id -> its data: the first clients' at build, any other client's on first use."""
+
+    def __init__(self, task, client_ids: Sequence[int]) -> None:
+        super().__init__(task.client_data(client_ids))
+        self.task = task
+
+    def __missing__(self, client_id: int):
+        self[client_id] = self.task.client_data([client_id])[client_id]
+        return self[client_id]
+
+    def prefetch(self, client_ids: Sequence[int]) -> None:
+        """Load the data of every client in ``client_ids`` not held yet, in one task call."""
+        missing = [int(k) for k in client_ids if int(k) not in self]
+        if missing:
+            self.update(self.task.client_data(missing))
 
 
 def _to_numpy(tensors: Tensors) -> Arrays:

@@ -44,34 +44,38 @@ def short_config(*sets: str) -> Config:
 
 
 class PersonalEachRound:
-    """Callback keeping every client's personal state after each round."""
+    """Callback keeping every client's personal state and the training placement of each round."""
 
     def __init__(self) -> None:
         self.rounds: dict[int, dict] = {}
+        self.placement: dict[int, list[list[int]]] = {}
 
     def on_start(self, state: DriverState) -> None:
         pass
 
     def on_round_end(self, state: DriverState, report: RoundReport) -> None:
         self.rounds[report.round] = state.backend.get_personal()
+        self.placement[report.round] = state.backend.round_stats()["placement"]
 
     def on_end(self, state: DriverState, status: str) -> None:
         pass
 
 
-def run(cfg: Config, out: Path, *extra) -> tuple[RayBackend, dict]:
+def run(cfg: Config, out: Path, *extra) -> tuple[PersonalEachRound, dict]:
     """Run ``cfg`` on Ray, results and checkpoints in ``out``; returns the final personal state."""
     backend = RayBackend(cfg)
+    rounds = PersonalEachRound()
     try:
-        run_rounds(cfg, backend, [ResultsWriter(out, cfg), CheckpointWriter(out, cfg), *extra])
-        return backend, backend.get_personal()
+        callbacks = [ResultsWriter(out, cfg), CheckpointWriter(out, cfg), rounds, *extra]
+        run_rounds(cfg, backend, callbacks)
+        return rounds, backend.get_personal()
     finally:
         backend.close()
 
 
-def victim_clients(cfg: Config, backend: RayBackend, round_: int) -> list[int]:
-    """The sampled clients of the actor the kill hits: the one holding the highest."""
-    return [k for k in sample_clients(cfg, round_) if k in backend.blocks[-1]]
+def victim_clients(rounds: PersonalEachRound, round_: int) -> list[int]:
+    """The clients of the actor the kill hits: the highest-numbered one with work."""
+    return next(ks for ks in reversed(rounds.placement[round_]) if ks)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,13 +98,13 @@ def test_actor_killed_mid_round_is_restored_and_equals_fault_free_run(
 ):
     ref_out, ref_personal = reference
     cfg = short_config(f"faults.kill_actor_at_round={kill_round}")
-    backend, personal = run(cfg, tmp_path)
-    assert victim_clients(cfg, backend, kill_round)  # the kill hit an actor with work
+    rounds, personal = run(cfg, tmp_path)
+    assert victim_clients(rounds, kill_round)  # the kill hit an actor with work
 
     system = pd.read_parquet(tmp_path / "system.parquet").set_index("round")
     faults = system.loc[kill_round, "faults"]
     # Lost mid-train; restored from checkpoint round 2 (4) or the initial state (1) + replay.
-    assert f"round {kill_round} train: actor 1 (clients 5..9) lost" in faults[0]
+    assert f"round {kill_round} train: actor 1 lost" in faults[0]
     assert faults[1].endswith(f"replayed rounds {replayed}, work redone")
     assert all(len(f) == 0 for r, f in system["faults"].items() if r != kill_round)
     assert all(len(d) == 0 for d in system["dropped_clients"])
@@ -117,16 +121,13 @@ def test_actor_killed_mid_round_is_restored_and_equals_fault_free_run(
 
 def test_exhausted_retries_drop_the_actors_clients_for_that_round(tmp_path):
     cfg = short_config("faults.kill_actor_at_round=2", "faults.max_retries=0")
-    states = PersonalEachRound()
-    backend, _ = run(cfg, tmp_path, states)
-    lost = victim_clients(cfg, backend, 2)
+    states, _ = run(cfg, tmp_path)
+    lost = victim_clients(states, 2)
     assert lost
 
     system = pd.read_parquet(tmp_path / "system.parquet").set_index("round")
     assert list(system.loc[2, "dropped_clients"]) == lost
-    assert (
-        "round 2 train: actor 1 (clients 5..9) dropped after 0 retries" in system.loc[2, "faults"]
-    )
+    assert "round 2 train: actor 1 dropped after 0 retries" in system.loc[2, "faults"]
     assert all(len(system.loc[r, "dropped_clients"]) == 0 for r in (1, 3, 4, 5))
     # Ray will not restart it (max_restarts=0): a replacement is restored for round 2's eval.
     assert any("round 2 eval: actor 1" in f and "restored" in f for f in system.loc[2, "faults"])

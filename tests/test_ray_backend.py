@@ -95,11 +95,11 @@ def test_automatic_actors_fill_free_cpus_and_match_in_process(reference):
     backend = RayBackend(cfg)
     try:
         assert backend.num_actors == 2
-        assert backend.blocks == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+        assert backend.blocks == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]  # first homes
         state = run_rounds(cfg, backend)
         personal = backend.get_personal()
         assert backend.peak_rss_mb() > peak_rss_mb()  # the actors' memory is counted
-        # set_personal routes each client to the actor that holds it, leaving the rest.
+        # set_personal routes each client to its home actor, leaving the rest.
         changed = {k: {n: v + 1.0 + k for n, v in personal[k].items()} for k in (0, 4, 9)}
         backend.set_personal(changed)
         after = backend.get_personal()
@@ -142,7 +142,7 @@ def test_restarted_actor_refuses_to_train_until_its_state_is_restored(reference)
         ray.kill(backend.actors[1], no_restart=False)  # Ray restarts it (max_restarts)
         wait_until_alive(backend.actors[1])
         # The actor itself refuses; RayBackend.train would restore it (test_faults_ray.py).
-        with pytest.raises(ActorStateLost, match=r"clients 5\.\.9 was restarted"):
+        with pytest.raises(ActorStateLost, match=r"actor 1 was restarted"):
             # ray.kill is asynchronous: a call may still reach the restarting actor.
             deadline = time.monotonic() + 60
             while True:
@@ -159,3 +159,49 @@ def test_restarted_actor_refuses_to_train_until_its_state_is_restored(reference)
             np.testing.assert_array_equal(backend.get_personal()[9][name], value)
     finally:
         backend.close()
+
+
+def test_get_personal_reads_and_snapshot_sets_the_restore_point():
+    cfg = short_config("resources.num_actors=2", "resources.num_cpus_per_actor=0.5")
+    backend = RayBackend(cfg)
+    try:
+        theta = backend.initial_shared()
+        backend.train(theta, 1, [0, 1, 2, 3])  # 0-3 start on actor 0: two move to actor 1
+        assert backend.round_stats()["actor_clients"] == [2, 2]
+        assert backend.recovery.snapshot is None and len(backend.recovery.log) == 1
+        before = backend.get_personal()
+        assert backend.recovery.snapshot is None and len(backend.recovery.log) == 1  # untouched
+        taken = backend.snapshot()
+        assert backend.recovery.snapshot is not None and backend.recovery.log == []
+        for k in range(10):
+            for name, value in before[k].items():
+                np.testing.assert_array_equal(taken[k][name], value)
+    finally:
+        backend.close()
+
+
+def test_combine_refuses_contributions_with_other_names_or_shapes():
+    from pf2lora_ray.client import TrainResult
+    from pf2lora_ray.runtime.base import combine
+
+    a = TrainResult({"lora_A": np.zeros((2, 4)), "lora_B": np.zeros((4, 2))}, 1.0, [0])
+    other_shape = TrainResult({"lora_A": np.zeros((3, 4)), "lora_B": np.zeros((4, 2))}, 1.0, [1])
+    other_name = TrainResult({"lora_A": np.zeros((2, 4))}, 1.0, [2])
+    with pytest.raises(ValueError, match=r"tensor 'lora_A': clients \[1\] sent shape \(3, 4\)"):
+        combine([a, other_shape])
+    with pytest.raises(ValueError, match=r"clients \[2\] .* lacks \['lora_B'\]"):
+        combine([a, other_name])
+    assert combine([a, a]).weight == 2.0
+
+
+def test_quiet_keeps_rays_start_up_notices_off_the_terminal():
+    import logging
+
+    from pf2lora_ray.runtime.sizing import NOTICE_LOGGERS, _notices_silenced
+
+    notice = logging.getLogger(f"{NOTICE_LOGGERS[0]}.authentication_token_setup")
+    with _notices_silenced(quiet=True):
+        assert not notice.isEnabledFor(logging.WARNING)
+    assert notice.isEnabledFor(logging.WARNING)  # restored afterwards
+    with _notices_silenced(quiet=False):
+        assert notice.isEnabledFor(logging.WARNING)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -25,7 +25,10 @@ class Backend(Protocol):
         """Every client's personalized model on its test split."""
 
     def get_personal(self) -> dict[int, Arrays]:
-        """Every client's personal state (for checkpoints)."""
+        """Every client's personal state (read only)."""
+
+    def snapshot(self) -> dict[int, Arrays]:
+        """Every client's personal state for a checkpoint; also the backend's restore point."""
 
     def set_personal(self, states: dict[int, Arrays]) -> None:
         """Restore personal state (from a checkpoint)."""
@@ -36,13 +39,46 @@ class Backend(Protocol):
     def rss_mb(self) -> float:
         """Current RSS summed over the processes that hold clients (can shrink, unlike the peak)."""
 
+    def round_stats(self) -> dict[str, Any]:
+        """The last round's placement (per-actor clients and seconds, state moved)."""
+
     def close(self) -> None:
         """Release hosts/actors."""
 
 
+def check_same_tensors(parts: Sequence[TrainResult]) -> None:
+    """Every contribution must hold the same tensor names and shapes as the first.
+
+    Raises:
+        ValueError: naming the tensor (or names) that differ and the clients that sent them.
+    """
+    first = parts[0]
+    want = {k: np.shape(v) for k, v in first.summed.items()}
+    for p in parts[1:]:
+        got = {k: np.shape(v) for k, v in p.summed.items()}
+        if got.keys() != want.keys():
+            extra, missing = sorted(got.keys() - want.keys()), sorted(want.keys() - got.keys())
+            raise ValueError(
+                f"contribution of clients {p.clients} has tensors {extra} that clients "
+                f"{first.clients} did not send and lacks {missing}; every host must send the "
+                "same names"
+            )
+        for name, shape in want.items():
+            if got[name] != shape:
+                raise ValueError(
+                    f"tensor {name!r}: clients {p.clients} sent shape {got[name]}, clients "
+                    f"{first.clients} sent {shape}; every host must send the same shapes"
+                )
+
+
 def combine(parts: Sequence[TrainResult]) -> TrainResult:
-    """Sum hosts' partial results in a fixed order (ascending first client id)."""
+    """Sum hosts' partial results in a fixed order (ascending first client id).
+
+    Raises:
+        ValueError: the parts do not hold the same tensor names and shapes.
+    """
     parts = sorted(parts, key=lambda p: p.clients[0] if p.clients else -1)
+    check_same_tensors(parts)
     names = sorted(parts[0].summed)
     summed = {k: np.sum([p.summed[k] for p in parts], axis=0) for k in names}
     rows = sorted((r for p in parts for r in p.rows), key=lambda r: (r["client_id"], r["metric"]))
@@ -53,6 +89,7 @@ def combine(parts: Sequence[TrainResult]) -> TrainResult:
         rows=rows,
         compute_s=sum(p.compute_s for p in parts),
         peak_rss_mb=sum(p.peak_rss_mb for p in parts),
+        client_s={k: s for p in parts for k, s in sorted(p.client_s.items())},
     )
 
 

@@ -6,6 +6,7 @@ The reference that Ray results must match, and the easiest place to debug.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -35,6 +36,9 @@ class LocalBackend:
     def get_personal(self) -> dict[int, Arrays]:
         return self.host.get_personal()
 
+    def snapshot(self) -> dict[int, Arrays]:
+        return self.host.get_personal()
+
     def set_personal(self, states: dict[int, Arrays]) -> None:
         self.host.set_personal(states)
 
@@ -43,6 +47,9 @@ class LocalBackend:
 
     def rss_mb(self) -> float:
         return rss_mb()
+
+    def round_stats(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         pass
