@@ -1,8 +1,17 @@
 """The results directory of one run (DESIGN.md, Results directory).
 
-:class:`ResultsWriter` is a driver callback. After every round it rewrites the
-Parquet files atomically (temp file + rename), so a crashed run leaves a
-readable folder holding every completed round and no half-written file.
+:class:`ResultsWriter` is a driver callback. ``metrics.parquet``,
+``ranks.parquet`` and ``system.parquet`` are Parquet *dataset folders*: after
+every round it appends one part file per table (``metrics.parquet/part-000012.parquet``
+holds round 12's rows), so a round costs the same whatever came before and the
+driver keeps no rows in memory. ``part-000000.parquet`` is an empty part that
+fixes the table's schema. ``pd.read_parquet(run / "metrics.parquet")`` (and
+:mod:`analysis.load`) reads a folder as one table, in round order.
+
+Every file is written atomically (a hidden temp file, which Parquet readers
+skip, renamed into place), so a crashed run leaves a readable folder holding
+every completed round and no half-written file. ``runs.parquet`` (one row) is a
+plain file, rewritten after every round.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from pf2lora_ray.client import EvalResult
@@ -22,30 +33,56 @@ from pf2lora_ray.config import Config, config_hash, flatten, to_dict
 from pf2lora_ray.driver import DriverState, RoundReport
 from pf2lora_ray.metrics import HIGHER_IS_BETTER, summarize
 
-METRIC_COLUMNS = ["run_id", "round", "client_id", "split", "metric", "value"]
-RANK_COLUMNS = [
-    "run_id",
-    "round",
-    "client_id",
-    "layer",
-    "energy_rank",
-    "threshold_rank",
-    "singular_values",
-    "true_rank",
-]
-SYSTEM_COLUMNS = [
-    "run_id",
-    "round",
-    "wall_s",
-    "client_compute_s",
-    "bytes_up",
-    "bytes_down",
-    "peak_rss_mb",
-    "rss_mb",
-    "actors",
-    "dropped_clients",
-    "faults",
-]
+# Column -> Arrow type of each per-round table; every part file of a table has this schema.
+METRIC_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("round", pa.int64()),
+        ("client_id", pa.int64()),  # null on across-client aggregate rows
+        ("split", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
+RANK_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("round", pa.int64()),
+        ("client_id", pa.int64()),
+        ("layer", pa.string()),
+        ("energy_rank", pa.int64()),
+        ("threshold_rank", pa.int64()),
+        ("singular_values", pa.list_(pa.float64())),
+        ("true_rank", pa.int64()),  # null for real data
+    ]
+)
+SYSTEM_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("round", pa.int64()),
+        ("wall_s", pa.float64()),
+        ("client_compute_s", pa.float64()),
+        ("bytes_up", pa.int64()),
+        ("bytes_down", pa.int64()),
+        ("peak_rss_mb", pa.float64()),
+        ("rss_mb", pa.float64()),
+        ("actors", pa.int64()),
+        ("clients", pa.int64()),
+        ("dropped_clients", pa.list_(pa.int64())),
+        ("faults", pa.list_(pa.string())),
+        # Placement (Ray backend; null in-process): per actor, the clients it trained
+        # and their seconds; personal state moved between actors in the round.
+        ("actor_clients", pa.list_(pa.int64())),
+        ("actor_compute_s", pa.list_(pa.float64())),
+        ("moved_clients", pa.int64()),
+        ("moved_bytes", pa.int64()),
+    ]
+)
+SCHEMAS = {"metrics": METRIC_SCHEMA, "ranks": RANK_SCHEMA, "system": SYSTEM_SCHEMA}
+METRIC_COLUMNS = METRIC_SCHEMA.names
+RANK_COLUMNS = RANK_SCHEMA.names
+SYSTEM_COLUMNS = SYSTEM_SCHEMA.names
+_NULLABLE_INT = {"client_id", "true_rank", "moved_clients", "moved_bytes"}
 RESULT_FILES = ("runs.parquet", "metrics.parquet", "ranks.parquet", "system.parquet")
 
 
@@ -69,6 +106,35 @@ def atomic_write(path: Path, write: Any) -> None:
 
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def write_part(rows: list[dict], schema: pa.Schema, path: Path) -> None:
+    """Write ``rows`` as one part file of a table with ``schema`` (atomically).
+
+    Raises:
+        ValueError: a row has a column the schema does not know (it would be
+            silently dropped by readers of the dataset folder).
+    """
+    unknown = sorted({k for row in rows for k in row} - set(schema.names))
+    if unknown:
+        raise ValueError(
+            f"{path.parent.name}: columns {unknown} are not in its schema {schema.names}; "
+            "add them to pf2lora_ray/results.py"
+        )
+    df = pd.DataFrame(rows, columns=schema.names)
+    df = df.astype({c: "Int64" for c in schema.names if c in _NULLABLE_INT})
+    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def part_name(round_: int) -> str:
+    return f"part-{round_:06d}.parquet"
+
+
+def part_round(path: Path) -> int | None:
+    """The round a part file holds (None for anything else in the folder)."""
+    stem = path.name.removeprefix("part-").removesuffix(".parquet")
+    return int(stem) if path.name.startswith("part-") and stem.isdigit() else None
 
 
 def write_text(text: str, path: Path) -> None:
@@ -97,35 +163,39 @@ def aggregate_rows(rows: list[dict]) -> list[dict]:
 
 
 class ResultsWriter:
-    """Driver callback writing config.yaml and the four Parquet files into ``out``.
+    """Driver callback writing config.yaml, runs.parquet and the per-round tables into ``out``.
 
     Args:
         out: the run folder.
         cfg: the resolved config (written as config.yaml).
-        resume_round: when resuming, rows of later rounds (written after the
-            checkpoint) are dropped so no round appears twice.
+        resume_round: when resuming, the part files of later rounds (written
+            after the checkpoint) are deleted so no round appears twice.
         variant: the run's label in a sweep (default: the algorithm name); the
             ``variant`` column of runs.parquet, which comparison tables group by.
     """
 
-    def __init__(self, out: str | Path, cfg: Config, resume_round: int | None = None,
-                 variant: str = "") -> None:
+    def __init__(
+        self, out: str | Path, cfg: Config, resume_round: int | None = None, variant: str = ""
+    ) -> None:
         self.out, self.cfg = Path(out), cfg
         self.variant = variant or cfg.algorithm.name
         self.run_id = run_id_for(cfg)
         self.t0 = time.perf_counter()
-        self.tables: dict[str, list[dict]] = {"metrics": [], "ranks": [], "system": []}
         self.prior_wall = 0.0
         if resume_round is not None:
-            self._load_existing(resume_round)
+            self._drop_after(resume_round)
 
-    def _load_existing(self, upto: int) -> None:
-        for name in self.tables:
-            path = self.out / f"{name}.parquet"
-            if path.exists():
-                df = pd.read_parquet(path)
-                df = df[df["round"] <= upto]
-                self.tables[name] = df.astype(object).where(df.notna(), None).to_dict("records")
+    def _drop_after(self, upto: int) -> None:
+        for name in SCHEMAS:
+            folder = self.out / f"{name}.parquet"
+            if folder.is_file():
+                raise ValueError(
+                    f"{folder} is a single file written by an older pf2lora_ray; "
+                    "--resume needs the per-round part folders of this version"
+                )
+            for part in folder.glob("part-*.parquet") if folder.is_dir() else []:
+                if (part_round(part) or 0) > upto:
+                    part.unlink()
         runs = self.out / "runs.parquet"
         if runs.exists():
             self.prior_wall = float(pd.read_parquet(runs)["wall_s"].iloc[0])
@@ -134,55 +204,50 @@ class ResultsWriter:
     def on_start(self, state: DriverState) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.out / "config.yaml")
+        for name, schema in SCHEMAS.items():
+            schema_part = self.out / f"{name}.parquet" / part_name(0)
+            if not schema_part.exists():
+                write_part([], schema, schema_part)
         self._write_runs("running")
-        self._flush()
 
     def on_round_end(self, state: DriverState, report: RoundReport) -> None:
         base = {"run_id": self.run_id, "round": report.round}
         train_rows = report.train.rows
         eval_rows = report.eval.rows if report.eval else []
-        for row in train_rows + eval_rows + aggregate_rows(train_rows) + aggregate_rows(eval_rows):
-            self.tables["metrics"].append({**base, **row})
-        for row in report.eval.ranks if report.eval else []:
-            self.tables["ranks"].append({**base, **row})
+        metrics = train_rows + eval_rows + aggregate_rows(train_rows) + aggregate_rows(eval_rows)
+        ranks = report.eval.ranks if report.eval else []
         evaluated = report.eval or EvalResult()
         compute = report.train.compute_s + evaluated.compute_s
-        self.tables["system"].append(
-            {
-                **base,
-                "wall_s": report.wall_s,
-                "client_compute_s": compute,
-                "bytes_up": report.bytes_up,
-                "bytes_down": report.bytes_down,
-                "peak_rss_mb": state.backend.peak_rss_mb(),
-                "rss_mb": state.backend.rss_mb(),
-                "actors": state.backend.num_actors,
-                "clients": len(report.clients),
-                # Clients whose work this round was lost after faults.max_retries retries,
-                # and every actor failure met (recovered or not), in words.
-                "dropped_clients": sorted({*report.train.dropped, *evaluated.dropped}),
-                "faults": report.train.faults + evaluated.faults,
-            }
-        )
-        self._flush()
+        system = {
+            **base,
+            "wall_s": report.wall_s,
+            "client_compute_s": compute,
+            "bytes_up": report.bytes_up,
+            "bytes_down": report.bytes_down,
+            "peak_rss_mb": state.backend.peak_rss_mb(),
+            "rss_mb": state.backend.rss_mb(),
+            "actors": state.backend.num_actors,
+            "clients": len(report.clients),
+            # Clients whose work this round was lost after faults.max_retries retries,
+            # and every actor failure met (recovered or not), in words.
+            "dropped_clients": sorted({*report.train.dropped, *evaluated.dropped}),
+            "faults": report.train.faults + evaluated.faults,
+        }
+        stats = state.backend.round_stats()
+        system |= {k: stats.get(k) for k in SYSTEM_COLUMNS if k.startswith(("actor_", "moved_"))}
+        part = part_name(report.round)
+        self._append("metrics", [{**base, **row} for row in metrics], part)
+        if ranks:
+            self._append("ranks", [{**base, **row} for row in ranks], part)
+        self._append("system", [system], part)
         self._write_runs("running")
 
     def on_end(self, state: DriverState, status: str) -> None:
-        self._flush()
         self._write_runs(status)
 
     # -------------------------------------------------------- files
-    def _flush(self) -> None:
-        frames = {
-            "metrics": (self.tables["metrics"], METRIC_COLUMNS, {"client_id": "Int64"}),
-            "ranks": (self.tables["ranks"], RANK_COLUMNS, {"true_rank": "Int64"}),
-            "system": (self.tables["system"], SYSTEM_COLUMNS, {}),
-        }
-        for name, (rows, columns, dtypes) in frames.items():
-            df = pd.DataFrame(rows, columns=columns if not rows else None)
-            for col, dtype in dtypes.items():
-                df[col] = df[col].astype(dtype)
-            write_parquet(df, self.out / f"{name}.parquet")
+    def _append(self, name: str, rows: list[dict], part: str) -> None:
+        write_part(rows, SCHEMAS[name], self.out / f"{name}.parquet" / part)
 
     def _write_runs(self, status: str) -> None:
         row = {

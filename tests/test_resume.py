@@ -61,11 +61,40 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path, reference):
     assert pd.read_parquet(out / "runs.parquet").loc[0, "status"] == "completed"
 
 
+def contents(folder) -> dict[str, bytes]:
+    """Every file under a Parquet dataset folder, by name."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_results_are_per_round_part_files(reference):
+    parts = sorted(p.name for p in (reference / "metrics.parquet").iterdir())
+    assert parts == [f"part-{r:06d}.parquet" for r in range(5)]  # 0: the schema, empty
+    metrics = pd.read_parquet(reference / "metrics.parquet")
+    assert str(metrics["client_id"].dtype) == "Int64" and metrics["round"].is_monotonic_increasing
+    system = pd.read_parquet(reference / "system.parquet")
+    assert list(system["round"]) == [1, 2, 3, 4]
+
+
+def test_resume_deletes_the_rounds_after_the_checkpoint(tmp_path, reference):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    (out / "checkpoints" / "latest.json").write_text(
+        json.dumps({"round": 2, "dir": "round_000002"})
+    )
+    assert main([*run_args(out), "--resume"]) == 0
+    got = pd.read_parquet(out / "metrics.parquet")
+    want = pd.read_parquet(reference / "metrics.parquet")
+    assert not got.duplicated(["round", "client_id", "split", "metric"]).any()
+    pd.testing.assert_frame_equal(got, want, rtol=1e-6)
+
+
 def test_new_run_refuses_a_used_folder(reference, capsys):
-    before = (reference / "metrics.parquet").read_bytes()
+    before = contents(reference / "metrics.parquet")
     assert main(run_args(reference)) == 2
     assert "--resume" in capsys.readouterr().err
-    assert (reference / "metrics.parquet").read_bytes() == before
+    assert contents(reference / "metrics.parquet") == before
 
 
 def test_foreign_checkpoint_is_refused(reference, capsys):
@@ -81,10 +110,10 @@ def test_truncated_checkpoint_is_refused(tmp_path, reference, capsys):
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
     shared = out / "checkpoints" / latest["dir"] / "shared.safetensors"
     shared.write_bytes(shared.read_bytes()[:20])
-    before = (out / "metrics.parquet").read_bytes()
+    before = contents(out / "metrics.parquet")
     assert main([*run_args(out), "--resume"]) == 2
     assert "truncated" in capsys.readouterr().err
-    assert (out / "metrics.parquet").read_bytes() == before
+    assert contents(out / "metrics.parquet") == before
 
 
 def test_unwritable_output_folder_exits_2(tmp_path, capsys):
