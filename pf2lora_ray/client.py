@@ -45,7 +45,9 @@ class TrainResult:
     peak_rss_mb: float = 0.0
     dropped: list[int] = field(default_factory=list)  # lost after faults.max_retries retries
     faults: list[str] = field(default_factory=list)  # actor failures met (and how handled)
-    client_s: dict[int, float] = field(default_factory=dict)  # each client's update, seconds
+    # Each client's local update in CPU seconds of this process (steadier than wall time
+    # on a shared machine; the placement's measure of a client's cost).
+    client_s: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,7 +179,7 @@ class ClientHost:
         summed = {k: np.zeros(v.shape, np.float64) for k, v in theta.items()}
         total, rows, seconds = 0.0, [], {}
         for k in sorted(client_ids):
-            t_k = time.perf_counter()
+            t_k = time.process_time()
             ctx = RoundContext(self.cfg.seed, round_, k)
             local = self.algorithm.local_update(
                 self.task, self.model, dict(theta_t), self.personal_state(k), self.data[k], ctx
@@ -191,7 +193,7 @@ class ClientHost:
                 {"client_id": k, "split": "train", "metric": m, "value": float(v)}
                 for m, v in sorted(local.metrics.items())
             ]
-            seconds[k] = time.perf_counter() - t_k
+            seconds[k] = time.process_time() - t_k
         return TrainResult(
             summed, total, sorted(client_ids), rows, time.perf_counter() - t0, peak_rss_mb(),
             client_s=seconds,

@@ -22,8 +22,8 @@ from pf2lora_ray.config import build_config
 from pf2lora_ray.experiment import UsageError
 
 
-def test_registry_names_the_four_benches() -> None:
-    assert set(BENCHES) == {"overhead", "scaling", "cost", "flower"}
+def test_registry_names_the_benches() -> None:
+    assert set(BENCHES) == {"overhead", "scaling", "cost", "flower", "partial"}
 
 
 def test_unknown_bench_is_a_usage_error_naming_the_choices(tmp_path) -> None:

