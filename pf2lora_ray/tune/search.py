@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -101,7 +102,7 @@ def run_tune(
         limit = concurrency(bundles, ray.cluster_resources(), space.max_concurrent)
         out.mkdir(parents=True, exist_ok=True)
         write_text(yaml.safe_dump(spec, sort_keys=False), out / SPEC_FILE)
-        tuner = _tuner(cfg, space, out, samples, limit, resume)
+        tuner = _tuner(absolute_paths(cfg), space, out, samples, limit, resume)
         grid = tuner.fit()
         unfinished = _unfinished(out, space, samples)
         if unfinished:
@@ -125,6 +126,19 @@ def run_tune(
     finally:
         if started:
             ray.shutdown()
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with a relative ``data.path`` made absolute against this process's folder.
+
+    Tune runs each trial in its own working folder, where a path relative to the
+    folder the command was started in would name nothing.
+    """
+    path = cfg.data.path
+    if path is None or Path(path).is_absolute() or not Path(path).exists():
+        return cfg
+    data = dataclasses.replace(cfg.data, path=str(Path(path).resolve()))
+    return dataclasses.replace(cfg, data=data)
 
 
 def _tuner(
