@@ -13,10 +13,10 @@ from pf2lora_ray.tune.search import absolute_paths
 def test_relative_data_path_is_made_absolute_for_trials(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.tsv").write_text("sentence\tlabel\nok\t1\n")
-    cfg = tiny_synthetic("data.path=data")
+    cfg, plain = tiny_synthetic("data.path=data"), tiny_synthetic()
     monkeypatch.chdir(tmp_path)
     moved = absolute_paths(cfg)
     assert Path(moved.data.path) == tmp_path / "data" and Path(moved.data.path).is_absolute()
     os.chdir("/")  # where a trial might run: the path still names the folder
     assert Path(moved.data.path).is_dir()
-    assert absolute_paths(tiny_synthetic()).data.path is None  # nothing to resolve
+    assert absolute_paths(plain) is plain  # no data.path: nothing to resolve
