@@ -98,7 +98,7 @@ def test_load_config_refuses_a_job_of_several_runs(tmp_path):
     for key, value in (("sweep", {"fed.rounds": [1, 2]}), ("seeds", [0, 1])):
         job = tmp_path / f"{key}.yaml"
         job.write_text(f"{key}: {value}\n")
-        with pytest.raises(ConfigError, match=f"{key}: this job runs several configs"):
+        with pytest.raises(ConfigError, match=f"{key}: this job is several runs"):
             load_config(job)
 
 

@@ -168,8 +168,9 @@ def load_config(
     for key in JOB_KEYS:
         if key in data:
             raise ConfigError(
-                f"{key}: this job runs several configs; expand it with "
-                "pf2lora_ray.config.expand_job first"
+                f"{key}: this job is several runs, which `pf2lora run` expands; "
+                "`pf2lora tune` and load_config take a single-run job "
+                "(in Python: pf2lora_ray.config.expand_job)"
             )
     return build_config(data, sets, extra)
 
