@@ -16,7 +16,7 @@ Local files are read with Hugging Face ``datasets`` (its offline ``csv`` builder
 reads GLUE TSVs with quoting off, ``csv.QUOTE_NONE``, and CoLA's headerless TSV
 with explicit column names). The split ``data.split`` (default ``train``) is
 partitioned over clients by ``data.partition`` and each client's share is split
-80/20 into its own train and test parts (:func:`~pf2lora_ray.tasks.text.client_indices`).
+80/20 into its own train and test parts (:class:`~pf2lora_ray.tasks.text.ClientSplits`).
 
 Metrics per client: the task's metrics (CoLA: mcc; MRPC/QQP: f1; STS-B:
 pearson, spearman; accuracy for every classification task), ``loss``, and for
@@ -40,8 +40,8 @@ from pf2lora_ray import metrics
 from pf2lora_ray.config import Config, ConfigError
 from pf2lora_ray.tasks.base import Batch, ClientData, DataError, Params, register_task
 from pf2lora_ray.tasks.text import (
+    ClientSplits,
     Examples,
-    client_indices,
     find_split_file,
     header_fields,
     pad,
@@ -217,6 +217,7 @@ class GlueTask:
         self.file = None if d.path is None else find_split_file(d.path, d.split, fmt)
         self.family = models().model_family(cfg.model)
         self._table: Table | None = None
+        self._splits: ClientSplits | None = None
         self._tokenizer = None
         self._clients: dict[int, ClientData] = {}
 
@@ -291,25 +292,23 @@ class GlueTask:
             return np.clip(np.floor(table.targets), 0, 4).astype(np.int64)
         return table.targets
 
-    def splits(self, client_ids: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """(train, test) row indices of each client (the partition of the whole split)."""
-        table = self.table()
-        return client_indices(
-            self.cfg,
-            len(table.targets),
-            client_ids,
-            labels=self.partition_labels(table),
-            source=table.source,
-        )
+    def splits(self) -> ClientSplits:
+        """The split's partition over all clients (drawn once per task instance)."""
+        if self._splits is None:
+            table = self.table()
+            self._splits = ClientSplits(
+                self.cfg, len(table.targets), self.partition_labels(table), source=table.source
+            )
+        return self._splits
 
     def check_data(self) -> None:
-        self.splits(range(self.cfg.fed.num_clients))
+        self.splits().check()
 
     def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
         missing = [k for k in client_ids if k not in self._clients]
         if missing:
             table = self.table()
-            splits = self.splits(missing)
+            splits = self.splits()(missing)
             for k, (train, test) in splits.items():
                 tr, te = self._examples(table, train), self._examples(table, test)
                 labels = None if self.spec.label_names is None else tr.targets

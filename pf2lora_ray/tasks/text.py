@@ -3,10 +3,11 @@
 - :func:`find_split_file` / :func:`read_table`: a split of a local dataset
   (TSV/CSV/JSON/Parquet) read with Hugging Face ``datasets`` (its packaged
   ``csv``/``json``/``parquet`` builders work offline).
-- :func:`client_indices`: the partition of a split over all ``fed.num_clients``
-  clients (:mod:`pf2lora_ray.data.partition`), then each client's own 80/20
-  train/test split and deterministic subsampling. Every host computes the same
-  partition, so results do not depend on which host serves which client.
+- :class:`ClientSplits`: the partition of a split over all ``fed.num_clients``
+  clients (:mod:`pf2lora_ray.data.partition`), drawn once per task, then each
+  client's own 80/20 train/test split and deterministic subsampling. Every host
+  draws the same partition from the run seed (and the driver checks it before
+  the run), so results do not depend on which host serves which client.
 - :class:`Examples` and :func:`pad`: tokenized rows kept as lists of token ids,
   padded per batch to the longest row (dynamic padding).
 """
@@ -30,6 +31,7 @@ from pf2lora_ray.data.partition import PartitionError, partition, split_train_te
 from pf2lora_ray.tasks.base import Batch, DataError
 
 FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
 
 def find_split_file(path: str | Path, split: str, fmt: str | None = None) -> Path:
     """The file holding ``split`` under ``path`` (a file, or a folder with ``<split>.<ext>``).
@@ -87,7 +89,10 @@ def read_table(file: Path, column_names: Sequence[str] | None = None) -> Any:
     try:
         with quiet_loggers("datasets"):
             return datasets.load_dataset(
-                builder, data_files={"data": str(file)}, split="data", keep_in_memory=True,
+                builder,
+                data_files={"data": str(file)},
+                split="data",
+                keep_in_memory=True,
                 **kwargs,
             )
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
@@ -120,52 +125,74 @@ def subsample(idx: np.ndarray, limit: int, seed: int, client: int, purpose: str)
     return np.sort(rng.choice(idx, size=limit, replace=False))
 
 
-def client_indices(
-    cfg: Config,
-    num_examples: int,
-    client_ids: Sequence[int],
-    labels: np.ndarray | None = None,
-    groups: np.ndarray | None = None,
-    source: str = "the data",
-) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """(train, test) example indices of each client in ``client_ids``.
+class ClientSplits:
+    """A split's partition over all ``fed.num_clients`` clients, computed once.
 
     The partition (``data.partition``, ``data.alpha``, ``data.similarity``,
-    ``data.quantity_sigma``) covers all ``fed.num_clients`` clients; each client's
-    share is split ``1 - data.test_fraction`` / ``data.test_fraction``, then cut to
-    ``data.max_train_per_client`` / ``data.max_test_per_client`` rows.
+    ``data.quantity_sigma``) is drawn when this object is built; calling it gives
+    each requested client's share split ``1 - data.test_fraction`` /
+    ``data.test_fraction``, then cut to ``data.max_train_per_client`` /
+    ``data.max_test_per_client`` rows. A task keeps one, so a host that loads its
+    clients' data lazily does not partition the split again per client.
 
     Raises:
         PartitionError: a client would be empty or too small to split; the message
             names the keys (``data.partition``, ``fed.num_clients``), ``source``
             and the client.
     """
-    d = cfg.data
-    try:
-        parts = partition(
-            num_examples,
-            cfg.fed.num_clients,
-            d.partition,
-            labels=labels,
-            seed=cfg.seed,
-            alpha=d.alpha,
-            similarity=d.similarity,
-            quantity_sigma=d.quantity_sigma,
-            groups=groups,
-        )
-        splits = {k: split_train_test(parts[k], d.test_fraction, cfg.seed, k) for k in client_ids}
-    except PartitionError as err:
-        raise PartitionError(
-            f"data.partition={d.partition} of {source} ({num_examples} rows) over "
-            f"fed.num_clients={cfg.fed.num_clients}: {err}"
-        ) from err
-    out = {}
-    for k, (train, test) in splits.items():
-        out[k] = (
-            subsample(train, d.max_train_per_client, cfg.seed, k, seeds.SUBSAMPLE_TRAIN),
-            subsample(test, d.max_test_per_client, cfg.seed, k, seeds.SUBSAMPLE_TEST),
-        )
-    return out
+
+    def __init__(
+        self,
+        cfg: Config,
+        num_examples: int,
+        labels: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        source: str = "the data",
+    ) -> None:
+        self.cfg, self.num_examples, self.source = cfg, num_examples, source
+        d = cfg.data
+        with self._named():
+            self.parts = partition(
+                num_examples,
+                cfg.fed.num_clients,
+                d.partition,
+                labels=labels,
+                seed=cfg.seed,
+                alpha=d.alpha,
+                similarity=d.similarity,
+                quantity_sigma=d.quantity_sigma,
+                groups=groups,
+            )
+
+    @contextlib.contextmanager
+    def _named(self) -> Iterator[None]:
+        d, n = self.cfg.data, self.cfg.fed.num_clients
+        try:
+            yield
+        except PartitionError as err:
+            raise PartitionError(
+                f"data.partition={d.partition} of {self.source} ({self.num_examples} rows) "
+                f"over fed.num_clients={n}: {err}"
+            ) from err
+
+    def __call__(self, client_ids: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """(train, test) example indices of each client in ``client_ids``."""
+        d, seed = self.cfg.data, self.cfg.seed
+        with self._named():
+            splits = {
+                k: split_train_test(self.parts[k], d.test_fraction, seed, k) for k in client_ids
+            }
+        return {
+            k: (
+                subsample(train, d.max_train_per_client, seed, k, seeds.SUBSAMPLE_TRAIN),
+                subsample(test, d.max_test_per_client, seed, k, seeds.SUBSAMPLE_TEST),
+            )
+            for k, (train, test) in splits.items()
+        }
+
+    def check(self) -> None:
+        """Split every client once: each must hold enough rows for train and test."""
+        self(range(self.cfg.fed.num_clients))
 
 
 @dataclass

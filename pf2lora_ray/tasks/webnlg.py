@@ -43,7 +43,7 @@ from pf2lora_ray import metrics
 from pf2lora_ray.config import Config, ConfigError
 from pf2lora_ray.tasks.base import Batch, ClientData, DataError, Params, register_task
 from pf2lora_ray.tasks.glue import models
-from pf2lora_ray.tasks.text import Examples, client_indices, find_split_file, pad, param_device
+from pf2lora_ray.tasks.text import ClientSplits, Examples, find_split_file, pad, param_device
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,7 @@ class WebNLGTask:
         self.file = find_split_file(cfg.data.path, cfg.data.split, "json")
         self.family = models().model_family(cfg.model)
         self._entries: list[Entry] | None = None
+        self._splits: ClientSplits | None = None
         self._tokenizer = None
         self._clients: dict[int, ClientData] = {}
 
@@ -144,23 +145,23 @@ class WebNLGTask:
             self._entries = read_entries(self.file)
         return self._entries
 
-    def splits(self, client_ids: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """(train, test) entry indices of each client (categories are labels and groups)."""
-        entries = self.entries()
-        names = np.array([e.category for e in entries])
-        _, category = np.unique(names, return_inverse=True)
-        return client_indices(
-            self.cfg, len(entries), client_ids, labels=category, groups=names, source=str(self.file)
-        )
+    def splits(self) -> ClientSplits:
+        """The entries' partition over all clients (categories are labels and groups)."""
+        if self._splits is None:
+            entries = self.entries()
+            names = np.array([e.category for e in entries])
+            _, category = np.unique(names, return_inverse=True)
+            self._splits = ClientSplits(self.cfg, len(entries), category, names, str(self.file))
+        return self._splits
 
     def check_data(self) -> None:
-        self.splits(range(self.cfg.fed.num_clients))
+        self.splits().check()
 
     def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
         missing = [k for k in client_ids if k not in self._clients]
         if missing:
             entries = self.entries()
-            splits = self.splits(missing)
+            splits = self.splits()(missing)
             for k, (train, test) in splits.items():
                 tr = [(entries[i], t) for i in train for t in entries[i].texts]
                 te = [(entries[i], entries[i].texts[0]) for i in test]
