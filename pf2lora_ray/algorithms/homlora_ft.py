@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from pf2lora_ray import seeds
 from pf2lora_ray.algorithms.base import Algorithm, RoundContext, Tensors, adamw_steps, register
 from pf2lora_ray.tasks.base import ClientData, Params, Task
-
-FINETUNE_STREAM = 0xF7  # batch stream of the evaluation fine-tune, distinct from training's
 
 
 @register("homlora_ft")
@@ -42,7 +41,7 @@ class HOMLoRAFinetune(Algorithm):
             model,
             params,
             sorted(params),
-            self.batches(task, data, ctx, FINETUNE_STREAM),
+            self.batches(task, data, ctx, seeds.FINETUNE),
             self.cfg.finetune.steps,
             self.cfg.algorithm.lr,
             self.cfg.algorithm.weight_decay,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pf2lora_ray import seeds
 from pf2lora_ray.algorithms.base import (
     Algorithm,
     Local,
@@ -40,8 +41,6 @@ from pf2lora_ray.algorithms.base import (
     register,
 )
 from pf2lora_ray.tasks.base import ClientData, Params, Task
-
-EVAL_STREAM = 0xE7  # batch stream of the evaluation step, distinct from training's
 
 
 @torch.no_grad()
@@ -65,6 +64,7 @@ class PerFedAvg(Algorithm):
     ) -> Local:
         opts = self.cfg.per_fedavg
         alpha, beta = opts.lr_inner, self.cfg.algorithm.lr
+        # Three batch streams of the round: inner step, outer gradient, Hessian-free product.
         d, d1, d2 = (self.batches(task, data, ctx, s) for s in (0, 1, 2))
         w = {k: v.detach() for k, v in {**theta, **phi}.items()}
         names = sorted(w)
@@ -92,6 +92,6 @@ class PerFedAvg(Algorithm):
         ctx: RoundContext,
     ) -> Params:
         w = {k: v.detach() for k, v in {**theta, **phi}.items()}
-        batch = next(self.batches(task, data, ctx, EVAL_STREAM))
+        batch = next(self.batches(task, data, ctx, seeds.EVAL_STEP))
         _, g = loss_and_grads(task, model, w, sorted(w), batch)
         return axpy(w, g, -self.cfg.per_fedavg.lr_inner)
