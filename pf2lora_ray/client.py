@@ -162,7 +162,8 @@ class ClientHost:
     def put_state(self, states: dict[int, Arrays]) -> None:
         """Take over clients handed over by :meth:`take_state`; this host is now their home."""
         self.set_personal(states)
-        self.client_ids = sorted(set(self.client_ids) | {int(k) for k in states})
+        if states:  # (not on every call: sorting all the host's clients costs O(clients))
+            self.client_ids = sorted(set(self.client_ids) | {int(k) for k in states})
 
     def _to_torch(self, arrays: Arrays) -> Tensors:
         return {k: torch.from_numpy(np.array(v)).to(self.device) for k, v in arrays.items()}
