@@ -5,16 +5,28 @@ one 1-CPU actor per core, with a fixed ``fed.clients_per_round`` so that a
 round's work is the same whatever the number of clients: per-round time should
 stay flat while memory grows with the clients' data and personal state.
 
-Per point: the median wall time of the training-only rounds, the last round
-(which also evaluates every client, so every client has personal state), the
-set-up time (actors build every client's data) and the peak RSS of driver plus
-actors. Memory per client is the slope of peak RSS against clients. A PNG of
-both curves goes to ``OUT/scaling.png``.
+Per point: the median wall time of the training-only rounds, split into the
+busiest actor's compute and the rest (driver, object store, messages), the
+last round (which also evaluates every client, so every client has personal
+state), the set-up time (actors build every client's data) and the peak RSS of
+driver plus actors. Memory per client is the slope of peak RSS against clients.
+A PNG of both curves goes to ``OUT/scaling.png``.
+
+``interleaved-clients-N``: the same sizes again, all alive at once (2 actors
+each, sharing the cores) and trained round by round in turn, so that machine
+load that drifts during the bench hits every size alike; per size the median
+wall seconds of a training round and the CPU seconds of its local updates.
+
+``rounds-N`` (N = 1,000; 200 with ``--quick``): the 10-client job for N rounds,
+comparing the first and the last 10% of the rounds: seconds per round and the
+driver's own RSS, which must stay flat (results are appended per round, not
+rewritten, and the driver keeps no rows).
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +35,15 @@ import pandas as pd
 import torch
 
 from pf2lora_ray.bench.common import RoundClock, cores, rows_for, start_ray
+from pf2lora_ray.client import rss_mb
 from pf2lora_ray.config import Config, build_config
+from pf2lora_ray.driver import DriverState, RoundReport
 from pf2lora_ray.experiment import run_experiment
 
 FULL = (10, 100, 1000, 10000)
 QUICK = (10, 100, 1000)
 CLIENTS_PER_ROUND = 10
+LONG_ROUNDS = 1000
 
 
 def job(num_clients: int, rounds: int) -> dict[str, Any]:
@@ -66,14 +81,34 @@ def client_bytes(cfg: Config) -> dict[str, float]:
     }
 
 
+class DriverRss:
+    """Driver callback: the driver process's own RSS (MB) after each round."""
+
+    def __init__(self) -> None:
+        self.mb: list[float] = []
+
+    def on_start(self, state: DriverState) -> None:
+        pass
+
+    def on_round_end(self, state: DriverState, report: RoundReport) -> None:
+        self.mb.append(rss_mb())
+
+    def on_end(self, state: DriverState, status: str) -> None:
+        pass
+
+
 def measure(num_clients: int, rounds: int, folder: Path) -> dict[str, float]:
     shutil.rmtree(folder, ignore_errors=True)
     clock = RoundClock()
     run_experiment(build_config(job(num_clients, rounds)), folder, extra_callbacks=[clock])
     system = pd.read_parquet(folder / "system.parquet")
+    train = system.iloc[:-1]
+    busiest = train["actor_compute_s"].map(max)
     return {
         "clients": num_clients,
-        "s_per_round": float(system["wall_s"].iloc[:-1].median()),
+        "s_per_round": float(train["wall_s"].median()),
+        "busiest_actor_s_per_round": float(busiest.median()),
+        "rest_s_per_round": float((train["wall_s"] - busiest).median()),
         "last_round_with_eval_s": float(system["wall_s"].iloc[-1]),
         "setup_s": clock.setup_s,
         "peak_rss_mb": float(system["peak_rss_mb"].max()),
@@ -97,13 +132,77 @@ def plot(points: list[dict[str, float]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def interleaved(sizes: tuple[int, ...], rounds: int) -> list[dict[str, Any]]:
+    """Rounds of every size in turn on backends alive at once (module docstring)."""
+    from pf2lora_ray.algorithms import ALGORITHMS
+    from pf2lora_ray.driver import sample_clients
+    from pf2lora_ray.runtime.ray_backend import RayBackend
+
+    cpus = cores() / (2 * len(sizes))
+    cfgs, backends, thetas = {}, {}, {}
+    try:
+        for n in sizes:
+            overrides = job(n, rounds)
+            overrides["resources"] = {"num_cpus_per_actor": cpus, "num_actors": 2}
+            overrides["runtime"]["threads_per_actor"] = 1
+            cfgs[n] = build_config(overrides)
+            backends[n] = RayBackend(cfgs[n])
+            thetas[n] = backends[n].initial_shared()
+        algorithm = ALGORITHMS[cfgs[sizes[0]].algorithm.name](cfgs[sizes[0]])
+        wall: dict[int, list[float]] = {n: [] for n in sizes}
+        cpu: dict[int, list[float]] = {n: [] for n in sizes}
+        for t in range(1, rounds + 1):
+            for n in sizes:
+                t0 = time.perf_counter()
+                result = backends[n].train(thetas[n], t, sample_clients(cfgs[n], t))
+                wall[n].append(time.perf_counter() - t0)
+                cpu[n].append(sum(result.client_s.values()))
+                thetas[n] = algorithm.aggregate(thetas[n], result.summed, result.weight)
+    finally:
+        for backend in backends.values():
+            backend.close()
+    skip = 2  # the first rounds also warm up each actor
+    return [
+        r
+        for n in sizes
+        for r in rows_for(
+            f"interleaved-clients-{n}",
+            {
+                "s_per_round": float(np.median(wall[n][skip:])),
+                "cpu_s_per_round": float(np.median(cpu[n][skip:])),
+            },
+        )
+    ]
+
+
+def long_run(rounds: int, folder: Path) -> dict[str, float]:
+    """The 10-client job for ``rounds`` rounds: first vs last 10% of the rounds."""
+    shutil.rmtree(folder, ignore_errors=True)
+    overrides = job(CLIENTS_PER_ROUND, rounds)
+    overrides["fed"] |= {"local_steps": 1, "eval_every": rounds}
+    driver = DriverRss()
+    run_experiment(build_config(overrides), folder, extra_callbacks=[driver])
+    wall = pd.read_parquet(folder / "system.parquet")["wall_s"].to_numpy()[:-1]
+    tenth = max(1, rounds // 10)
+    return {
+        "rounds": rounds,
+        "first_s_per_round": float(np.median(wall[:tenth])),
+        "last_s_per_round": float(np.median(wall[-tenth:])),
+        "first_driver_rss_mb": float(np.median(driver.mb[:tenth])),
+        "last_driver_rss_mb": float(np.median(driver.mb[-tenth:])),
+    }
+
+
 def run(quick: bool, out: Path) -> list[dict[str, Any]]:
     import ray
 
-    sizes, rounds = (QUICK, 4) if quick else (FULL, 6)
+    sizes, rounds = (QUICK, 4) if quick else (FULL, 10)
+    long_rounds = 200 if quick else LONG_ROUNDS
     start_ray(cores())
     try:
         points = [measure(n, rounds, out / "runs" / f"clients-{n}") for n in sizes]
+        mixed = interleaved(sizes, 8 if quick else 16)
+        long = long_run(long_rounds, out / "runs" / f"rounds-{long_rounds}")
     finally:
         ray.shutdown()
     plot(points, out / "scaling.png")
@@ -113,4 +212,4 @@ def run(quick: bool, out: Path) -> list[dict[str, Any]]:
     slope = float(np.polyfit(clients, rss, 1)[0])
     fit = {"rss_kb_per_client": slope * 1024}
     fit |= client_bytes(build_config(job(sizes[0], rounds)))
-    return rows + rows_for("fit", fit)
+    return rows + mixed + rows_for("fit", fit) + rows_for(f"rounds-{long_rounds}", long)
