@@ -17,6 +17,7 @@ plain file, rewritten after every round.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -162,6 +163,27 @@ def aggregate_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _to_folder(path: Path, schema: pa.Schema) -> None:
+    """Turn a single-file table (older versions wrote those) into a part folder, in place.
+
+    The folder is built under a hidden name and swapped in, so a crash leaves
+    either the file or the folder (the file under a hidden ``.old`` name at worst).
+    """
+    rows = pd.read_parquet(path)
+    rows = rows.astype(object).where(rows.notna(), None).to_dict("records")
+    tmp, old = path.with_name(f".{path.name}.new"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_part([], schema, tmp / part_name(0))
+    by_round: dict[int, list[dict]] = {}
+    for row in rows:
+        by_round.setdefault(int(row["round"]), []).append(row)
+    for round_, part in sorted(by_round.items()):
+        write_part(part, schema, tmp / part_name(round_))
+    os.replace(path, old)
+    os.replace(tmp, path)
+    old.unlink()
+
+
 class ResultsWriter:
     """Driver callback writing config.yaml, runs.parquet and the per-round tables into ``out``.
 
@@ -186,13 +208,10 @@ class ResultsWriter:
             self._drop_after(resume_round)
 
     def _drop_after(self, upto: int) -> None:
-        for name in SCHEMAS:
+        for name, schema in SCHEMAS.items():
             folder = self.out / f"{name}.parquet"
             if folder.is_file():
-                raise ValueError(
-                    f"{folder} is a single file written by an older pf2lora_ray; "
-                    "--resume needs the per-round part folders of this version"
-                )
+                _to_folder(folder, schema)
             for part in folder.glob("part-*.parquet") if folder.is_dir() else []:
                 if (part_round(part) or 0) > upto:
                     part.unlink()

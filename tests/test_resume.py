@@ -90,6 +90,24 @@ def test_resume_deletes_the_rounds_after_the_checkpoint(tmp_path, reference):
     pd.testing.assert_frame_equal(got, want, rtol=1e-6)
 
 
+def test_resume_turns_single_file_tables_of_older_versions_into_part_folders(tmp_path, reference):
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(reference, out)
+    for name in ("metrics", "ranks", "system"):  # as versions before part folders wrote them
+        table = pd.read_parquet(out / f"{name}.parquet")
+        shutil.rmtree(out / f"{name}.parquet")
+        table.to_parquet(out / f"{name}.parquet", index=False)
+    latest = {"round": 2, "dir": "round_000002"}
+    (out / "checkpoints" / "latest.json").write_text(json.dumps(latest))
+    assert main([*run_args(out), "--resume"]) == 0
+    assert (out / "metrics.parquet").is_dir()
+    got = pd.read_parquet(out / "metrics.parquet")
+    want = pd.read_parquet(reference / "metrics.parquet")
+    pd.testing.assert_frame_equal(got, want, rtol=1e-6)
+
+
 def test_new_run_refuses_a_used_folder(reference, capsys):
     before = contents(reference / "metrics.parquet")
     assert main(run_args(reference)) == 2
