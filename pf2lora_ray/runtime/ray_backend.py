@@ -18,9 +18,10 @@ Clients start in contiguous blocks, one per actor. Each round the driver
 Every random draw depends on (seed, round, client) only and a client's state
 moves whole, so results do not depend on placement, the number of actors or
 which finishes first. Cost estimates: every client runs ``fed.local_steps``
-steps on batches of ``data.batch_size``, so "local steps x batch tokens" is the
-same for every client and the default placement balances client counts, which
-keeps it deterministic given (seed, round, actor count). ``placement="measured"``
+steps on batches of ``data.batch_size`` examples, so "local steps x batch
+tokens" differs between clients only by their texts' lengths; the default
+placement takes it as equal and balances client counts, which keeps the
+placement deterministic given (seed, round, actor count). ``placement="measured"``
 refines the estimate by each client's measured seconds (an exponential moving
 average); the placement then varies from run to run, the results do not.
 
