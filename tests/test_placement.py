@@ -57,6 +57,25 @@ def test_replay_of_random_samples_reaches_the_issue_targets():
     assert static < 0.95 and balanced == pytest.approx(1.0)
 
 
+def test_client_cost_is_local_steps_times_batch_tokens():
+    from types import SimpleNamespace
+
+    from pf2lora_ray.runtime.actor import client_cost
+
+    cfg = SimpleNamespace(fed=SimpleNamespace(local_steps=3), data=SimpleNamespace(batch_size=4))
+    text = SimpleNamespace(rows=[{"input_ids": [0] * n} for n in (10, 20, 30, 40, 50)])
+    few = [{"input_ids": [0] * 8}, {"input_ids": [0] * 12}]
+
+    class Split(list):
+        @property
+        def rows(self):
+            return self
+
+    assert client_cost(cfg, SimpleNamespace(train=Split(text.rows))) == 3 * 4 * 30.0
+    assert client_cost(cfg, SimpleNamespace(train=Split(few))) == 3 * 2 * 10.0  # 2 rows < batch
+    assert client_cost(cfg, SimpleNamespace(train=np.zeros((64, 8)))) == 3 * 4 * 1.0  # no tokens
+
+
 # ---------------------------------------------------------------- on Ray
 
 ray = pytest.importorskip("ray")
@@ -107,6 +126,7 @@ def run_ray(cfg, placement: str = "balanced"):
 
     try:
         state = run_rounds(cfg, backend, [Stats()])
+        assert sorted(backend.costs) == list(range(cfg.fed.num_clients))  # estimated at start
         held = ray.get([a.held.remote() for a in backend.actors])
         # Every client's state is held once, by its home actor: none lost or doubled.
         assert sorted(k for ks in held for k in ks) == list(range(cfg.fed.num_clients))

@@ -36,6 +36,18 @@ class ActorStateLost(RuntimeError):
     """A restarted client actor was asked to use personal state it no longer holds."""
 
 
+def client_cost(cfg: Config, data: Any) -> float:
+    """A client's estimated round cost: local steps x tokens per batch (any unit, same for all).
+
+    Tokens per batch = min(batch size, training rows) x the mean length of the
+    client's tokenized training rows (1 per row for tasks without tokens).
+    """
+    rows = getattr(data.train, "rows", None)
+    lengths = [len(r["input_ids"]) for r in rows if "input_ids" in r] if rows else []
+    per_row = sum(lengths) / len(lengths) if lengths else 1.0
+    return float(cfg.fed.local_steps * min(cfg.data.batch_size, len(data.train)) * per_row)
+
+
 def merged(parts: Sequence[States | None]) -> States:
     """Client states from several hand-overs or snapshots, as one dict."""
     out: States = {}
@@ -68,6 +80,10 @@ class ClientActor:
 
     def initial_shared(self) -> Arrays:
         return self.host.initial_shared()
+
+    def cost_estimates(self) -> dict[int, float]:
+        """:func:`client_cost` of every client whose data this actor holds."""
+        return {k: client_cost(self.host.cfg, d) for k, d in sorted(self.host.data.items())}
 
     def train(
         self,

@@ -17,11 +17,11 @@ Clients start in contiguous blocks, one per actor. Each round the driver
 
 Every random draw depends on (seed, round, client) only and a client's state
 moves whole, so results do not depend on placement, the number of actors or
-which finishes first. Cost estimates: every client runs ``fed.local_steps``
-steps on batches of ``data.batch_size`` examples, so "local steps x batch
-tokens" differs between clients only by their texts' lengths; the default
-placement takes it as equal and balances client counts, which keeps the
-placement deterministic given (seed, round, actor count). ``placement="measured"``
+which finishes first. Cost estimates
+(:func:`~pf2lora_ray.runtime.actor.client_cost`): local steps x tokens per
+batch, reported once by the actors that load each client's data at start;
+they depend on the data only, so the placement is deterministic given (seed,
+round, actor count). ``placement="measured"``
 refines the estimate by each client's measured seconds (an exponential moving
 average); the placement then varies from run to run, the results do not.
 
@@ -83,6 +83,9 @@ class RayBackend:
             )
             self.actors = [self._start(i) for i in range(self.num_actors)]
             ray.get([a.arm.remote() for a in self.actors])
+            self.costs: dict[int, float] = {}  # client -> estimated cost (placement="balanced")
+            for part in ray.get([a.cost_estimates.remote() for a in self.actors]):
+                self.costs.update(part)
             self.recovery = Recovery(
                 self.actors, self._start, self.clients_of, cfg.faults.max_retries
             )
@@ -225,10 +228,13 @@ class RayBackend:
             raise KeyError(f"client {unknown[0]} is not in 0..{self.cfg.fed.num_clients - 1}")
         if self.placement == "static":
             return place.stay(ids, self.home)
-        costs = dict.fromkeys(ids, 1.0)
+        typical = float(np.median(list(self.costs.values()))) if self.costs else 1.0
+        costs = {k: self.costs.get(k, typical) for k in ids}
         if self.placement == "measured" and self.measured:
-            typical = float(np.median(list(self.measured.values())))
-            costs = {k: self.measured.get(k, typical) for k in ids}
+            # Seconds per estimated unit, for clients not measured yet.
+            rates = [s / self.costs.get(k, typical) for k, s in self.measured.items()]
+            rate = float(np.median(rates))
+            costs = {k: self.measured.get(k, rate * costs[k]) for k in ids}
         return place.balance(costs, self.home, self.num_actors)
 
     def _hand_over(self, plan: place.Plan, what: str) -> dict[int, list[Any]]:
