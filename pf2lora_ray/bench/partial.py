@@ -20,8 +20,9 @@ every client and is left out):
 - ``replay-<A>``: the measured per-client CPU seconds of both runs (each call
   a draw from them) replayed on A = 8, 16 and 64 simulated actors (500
   clients, 2A sampled per round; 2 actors with the run's own 10 of 200 as a
-  check): static blocks, balanced on the backend's own cost estimates, and an
-  oracle that knows each call's seconds in advance: what a cluster would see.
+  check): static blocks, balanced on equal cost estimates (the simulated
+  clients are alike), and an oracle that knows each call's seconds in
+  advance: what a cluster would see.
 - ``flower`` / ``ours-minilm``: Flower's simulation engine and ours on a
   partial-participation HOMLoRA workload with all-MiniLM-L6-v2 (Flower's
   stateless ClientApp builds the client, i.e. loads MiniLM, on every call),
@@ -139,7 +140,7 @@ def replay_rows(pool: list[float], seed: int = 0) -> list[dict[str, Any]]:
             {int(k): float(rng.choice(pool)) for k in rng.choice(clients, per_round, replace=False)}
             for _ in range(REPLAY_ROUNDS)
         ]
-        estimates = dict.fromkeys(range(clients), 1.0)  # what the backend places by
+        estimates = dict.fromkeys(range(clients), 1.0)  # simulated clients are alike
         values = {
             "clients_per_round": per_round,
             "clients": clients,
