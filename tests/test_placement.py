@@ -76,6 +76,29 @@ def test_client_cost_is_local_steps_times_batch_tokens():
     assert client_cost(cfg, SimpleNamespace(train=np.zeros((64, 8)))) == 3 * 4 * 1.0  # no tokens
 
 
+def test_a_client_handed_over_between_hosts_trains_on_as_if_it_had_stayed():
+    from helpers import tiny_synthetic
+
+    from pf2lora_ray.client import ClientHost
+
+    cfg = tiny_synthetic("fed.num_clients=4", "fed.clients_per_round=2")
+    stay_host, giver, taker = (ClientHost(cfg, ids) for ids in ([0, 1, 2, 3], [0, 1], [2, 3]))
+    theta = stay_host.initial_shared()
+    for host in (stay_host, giver):
+        host.train(theta, 1, [0, 1])
+    moved = giver.take_state([1, 3])  # 3 never trained: nothing to hand over for it
+    assert sorted(moved) == [1] and 1 not in giver.personal and giver.client_ids == [0]
+    taker.put_state(moved)
+    assert taker.client_ids == [1, 2, 3]
+    want = stay_host.train(theta, 2, [1, 3])
+    got = taker.train(theta, 2, [1, 3])
+    for name, value in want.summed.items():
+        np.testing.assert_array_equal(got.summed[name], value)
+    for k in (1, 3):
+        for name, value in stay_host.get_personal([k])[k].items():
+            np.testing.assert_array_equal(taker.get_personal([k])[k][name], value)
+
+
 # ---------------------------------------------------------------- on Ray
 
 ray = pytest.importorskip("ray")
