@@ -180,6 +180,33 @@ def test_get_personal_reads_and_snapshot_sets_the_restore_point():
         backend.close()
 
 
+def test_without_checkpoints_the_replay_log_stays_bounded(reference, monkeypatch):
+    from pf2lora_ray.runtime import recovery
+
+    cfg = short_config("resources.num_actors=2", "resources.num_cpus_per_actor=0.5")
+    theta_bytes = sum(v.nbytes for v in reference.theta.values())
+    monkeypatch.setattr(recovery, "LOG_BYTES_MAX", 2.5 * theta_bytes)  # a snapshot every 3 rounds
+    backend = RayBackend(cfg)
+    lengths = []
+
+    class LogLength:
+        def on_start(self, state):
+            pass
+
+        def on_round_end(self, state, report):
+            lengths.append(len(state.backend.recovery.log))
+
+        def on_end(self, state, status):
+            pass
+
+    try:
+        state = run_rounds(cfg, backend, [LogLength()])
+    finally:
+        backend.close()
+    assert lengths == [1, 2, 0, 1]  # round 3 went over the bound: snapshot, empty log
+    assert_same(final_metrics(state), final_metrics(reference))
+
+
 def test_combine_refuses_contributions_with_other_names_or_shapes():
     from pf2lora_ray.client import TrainResult
     from pf2lora_ray.runtime.base import combine

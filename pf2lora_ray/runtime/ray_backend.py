@@ -128,7 +128,10 @@ class RayBackend:
             sorted(plan.clients), call, f"round {round_} train"
         )
         parts = {i: part for i, (part, _) in replies.items()}
-        self.recovery.logged(round_, ref, [k for p in parts.values() for k in p.clients])
+        trained = [k for p in parts.values() for k in p.clients]
+        self.recovery.logged(round_, ref, trained, sum(v.nbytes for v in theta.values()))
+        if self.recovery.full:  # bounded memory without checkpoints (recovery module docstring)
+            self.snapshot()
         self._note(parts, plan, replies, train=True)
         if parts:
             result = combine(list(parts.values()))

@@ -28,7 +28,10 @@ the actor's clients are dropped from that round's training (or evaluation), the
 actor is recovered at its next use, and system.parquet lists them in
 ``dropped_clients``; every failure met is described in ``faults``. The log spans
 the rounds since the last snapshot, so ``checkpoint.every`` bounds both its
-memory (one theta ref per round) and the work redone after a loss.
+memory (one theta per round, held in the object store) and the work redone
+after a loss. Without checkpoints the backend takes a snapshot of its own once
+the logged thetas reach :data:`LOG_BYTES_MAX`, so that memory stays bounded
+over any number of rounds.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import ray
 from pf2lora_ray.runtime.actor import ActorStateLost
 
 RESTART_TIMEOUT_S = 120.0  # how long a recovery waits for Ray to restart an actor
+LOG_BYTES_MAX = 256 * 2**20  # logged thetas beyond this trigger a snapshot (module docstring)
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +81,24 @@ class Recovery:
         self.max_retries = max_retries
         self.snapshot: Any = None  # object ref of {client: state}; None = every client fresh
         self.log: list[tuple[int, Any, set[int]]] = []  # (round, theta ref, clients trained)
+        self.log_bytes = 0  # bytes of the thetas the log holds
         self.broken: set[int] = set()  # actors whose last work was dropped
         self.pending_faults: list[str] = []  # met outside a round's train/eval
 
     def new_snapshot(self, states: dict[int, Any]) -> None:
         """``states`` (every client's) become the restore point; the log starts empty."""
-        self.snapshot, self.log = ray.put(states), []
+        self.snapshot, self.log, self.log_bytes = ray.put(states), [], 0
 
-    def logged(self, round_: int, theta: Any, clients: Sequence[int]) -> None:
-        """Round ``round_``'s training of ``clients`` counted (theta: its object ref)."""
+    def logged(self, round_: int, theta: Any, clients: Sequence[int], nbytes: int) -> None:
+        """Round ``round_``'s training of ``clients`` counted (``theta``: its ref, ``nbytes``)."""
         if clients:
             self.log.append((round_, theta, set(clients)))
+            self.log_bytes += nbytes
+
+    @property
+    def full(self) -> bool:
+        """The log holds more theta bytes than :data:`LOG_BYTES_MAX`: time for a snapshot."""
+        return self.log_bytes > LOG_BYTES_MAX
 
     def gather(
         self, ids: Sequence[int], call: Callable[[int, bool], Any], what: str
