@@ -112,3 +112,13 @@ def test_sweep_mapping_is_a_product_and_labels_name_variants():
                                  "adapter": {"r": 2}}
     with pytest.raises(ConfigError, match="labels must be unique"):
         expand_job({"sweep": [{"label": "x"}, {"label": "x"}]})
+
+
+def test_runtime_placement_is_a_config_key():
+    from pf2lora_ray.config import ConfigError
+
+    assert load_config("jobs/synthetic_rank.yaml").runtime.placement == "balanced"
+    cfg = load_config("jobs/synthetic_rank.yaml", ["runtime.placement=static"])
+    assert cfg.runtime.placement == "static"
+    with pytest.raises(ConfigError, match="runtime.placement"):
+        load_config("jobs/synthetic_rank.yaml", ["runtime.placement=random"])

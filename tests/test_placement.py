@@ -132,7 +132,7 @@ def partial(name: str, actors: int, *sets: str):
     )
 
 
-def run_ray(cfg, placement: str = "balanced"):
+def run_ray(cfg, placement: str | None = "balanced"):
     """The run's final state, its final personal state and every round's placement stats."""
     backend = RayBackend(cfg, placement=placement)
     stats = []
@@ -211,8 +211,8 @@ def test_every_algorithm_on_one_actor_is_bit_identical_to_in_process(local_ray, 
 @pytest.mark.parametrize("placement", ["static", "measured"])
 def test_results_do_not_depend_on_placement(local_ray, placement):
     # "measured" places by measured seconds, which vary from run to run; the results must not.
-    cfg = partial("pf2lora", 2, "fed.rounds=4")
-    state, personal, stats = run_ray(cfg, placement)
+    cfg = partial("pf2lora", 2, "fed.rounds=4", f"runtime.placement={placement}")
+    state, personal, stats = run_ray(cfg, placement=None)  # from runtime.placement
     if placement == "static":
         assert all(s["moved_clients"] == 0 for s in stats)
     assert_equal(state, personal, *reference(cfg), rtol=1e-6)

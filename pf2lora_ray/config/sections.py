@@ -201,13 +201,21 @@ class RankConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where clients run: ``ray`` actors (default) or ``local`` in-process."""
+    """Where clients run: ``ray`` actors (default) or ``local`` in-process.
+
+    ``placement`` (Ray only) assigns each round's clients to actors:
+    ``balanced`` (longest-processing-time first on each client's estimated
+    cost, preferring its current actor), ``measured`` (the same, costs refined
+    by measured seconds; placement then varies between runs, results do not) or
+    ``static`` (fixed contiguous blocks). See :mod:`pf2lora_ray.runtime.ray_backend`.
+    """
 
     backend: Literal["ray", "local"] = "ray"
     address: str | None = None
     dashboard: bool = False
     quiet: bool = False
     threads_per_actor: int = 0
+    placement: Literal["balanced", "measured", "static"] = "balanced"
 
     def __post_init__(self) -> None:
         check(self.threads_per_actor >= 0, "runtime.threads_per_actor", "must be >= 0")

@@ -61,13 +61,15 @@ class RayBackend:
         cfg: the run's config; ``runtime`` says where Ray is, ``resources``
             what each actor gets and how many there are, ``faults`` how often
             lost work is retried.
-        placement: ``balanced`` (default), ``measured`` or ``static`` (module docstring).
+        placement: ``balanced``, ``measured`` or ``static`` (module docstring); default
+            ``runtime.placement``.
 
     Raises:
         ConfigError: the actors cannot be placed (raised before any starts).
     """
 
-    def __init__(self, cfg: Config, placement: Placement = "balanced") -> None:
+    def __init__(self, cfg: Config, placement: Placement | None = None) -> None:
+        placement = placement or cfg.runtime.placement
         if placement not in ("balanced", "measured", "static"):
             raise ValueError(f"placement must be balanced, measured or static, not {placement!r}")
         self.cfg, self.placement = cfg, placement
