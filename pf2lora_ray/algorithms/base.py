@@ -161,11 +161,11 @@ class Algorithm:
         data: ClientData,
         ctx: RoundContext,
     ) -> Local:
-        """``fed.local_steps`` AdamW steps on :meth:`trainable_names` (plain local training)."""
+        """:meth:`num_local_steps` AdamW steps on :meth:`trainable_names` (plain local training)."""
         trainable = self.trainable_names(Partition(sorted(theta), sorted(phi)))
         loss, params = adamw_steps(
             task, model, {**theta, **phi}, trainable, self.batches(task, data, ctx),
-            self.cfg.fed.local_steps, self.cfg.algorithm.lr, self.cfg.algorithm.weight_decay,
+            self.num_local_steps(), self.cfg.algorithm.lr, self.cfg.algorithm.weight_decay,
         )
         return Local(
             {k: params[k] for k in theta}, {k: params[k] for k in phi}, {"train_loss": loss}
@@ -188,6 +188,10 @@ class Algorithm:
     ) -> dict[str, float]:
         """Extra per-client evaluation metrics (default none; PF2LoRA: its personal level's)."""
         return {}
+
+    def num_local_steps(self) -> int:
+        """Parameter updates a training client makes per round (default ``fed.local_steps``)."""
+        return self.cfg.fed.local_steps
 
     def configure_round(self, round_: int, sampled: list[int]) -> list[int]:
         """The clients that train in round ``round_``, given the driver's sample (default: all).

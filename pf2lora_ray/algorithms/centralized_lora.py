@@ -8,7 +8,7 @@ Through the same protocol as every federated method: each round one client
 ``fed.clients_per_round x fed.local_steps`` AdamW steps, the round's total
 step count of a federated method, on mini-batches of the union of every
 client's training split. The driver then takes its update whole (one
-contribution, weight 1). Evaluation is the usual one: the same model on each
+contribution: the weighted mean of one update is that update). Evaluation is the usual one: the same model on each
 client's own test split. So it sees the same data, the same number of
 parameter updates and the same evaluation as the federated rows; what it does
 not have is heterogeneity, which is why it bounds them (PF2LORA.md, Table 1).
@@ -29,12 +29,9 @@ from torch import nn
 
 from pf2lora_ray.algorithms.base import (
     Algorithm,
-    BatchStream,
     Local,
-    Partition,
     RoundContext,
     Tensors,
-    adamw_steps,
     register,
 )
 from pf2lora_ray.config import Config, ConfigError
@@ -97,6 +94,10 @@ class CentralizedLoRA(Algorithm):
             self._pooled = ClientData(TRAINER, train, None)
         return self._pooled
 
+    def num_local_steps(self) -> int:
+        """A federated round's total: ``fed.clients_per_round x fed.local_steps``."""
+        return self.cfg.fed.clients_per_round * self.cfg.fed.local_steps
+
     def local_update(
         self,
         task: Task,
@@ -106,20 +107,9 @@ class CentralizedLoRA(Algorithm):
         data: ClientData,
         ctx: RoundContext,
     ) -> Local:
-        steps = self.cfg.fed.clients_per_round * self.cfg.fed.local_steps
-        pooled = self.pooled(task)
-        batches = BatchStream(task, pooled, self.cfg.data.batch_size, ctx.rng())
-        names = self.trainable_names(Partition(sorted(theta), sorted(phi)))
-        loss, params = adamw_steps(
-            task, model, {**theta, **phi}, names, batches, steps,
-            self.cfg.algorithm.lr, self.cfg.algorithm.weight_decay,
-        )
-        return Local(
-            {k: params[k] for k in theta}, {k: params[k] for k in phi}, {"train_loss": loss}
-        )
+        """The plain AdamW local update, on the pooled data instead of the trainer's own.
 
-    def contribution(
-        self, theta_t: Tensors, local: Local, data: ClientData
-    ) -> tuple[float, Tensors]:
-        """The one trainer's whole update (weight 1), whatever ``fed.weighting`` says."""
-        return 1.0, {k: local.theta[k] - theta_t[k] for k in theta_t}
+        The driver takes the one update whole: ``aggregate`` divides the summed
+        contribution by its weight, whatever ``fed.weighting`` gives it.
+        """
+        return super().local_update(task, model, theta, phi, self.pooled(task), ctx)

@@ -252,7 +252,9 @@ class PF2LoRA(Algorithm):
         second_order = opts.hypergrad == "unrolled"
         f_val = float("nan")
         if opts.estimator == "paper":
-            streams = {p: self.batches(task, data, ctx, p) for p in (PI, XI, XI_TILDE, ZETA)}
+            # The first-order ablation uses only pi and xi: the other streams are not drawn.
+            purposes = (PI, XI, XI_TILDE, ZETA) if second_order else (PI, XI)
+            streams = {p: self.batches(task, data, ctx, p) for p in purposes}
             for _ in range(self.cfg.fed.local_steps):
                 batches = {p: next(s) for p, s in streams.items()}
                 f_val, h, params = paper_step(
