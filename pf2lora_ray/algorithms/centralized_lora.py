@@ -8,10 +8,11 @@ Through the same protocol as every federated method: each round one client
 ``fed.clients_per_round x fed.local_steps`` AdamW steps, the round's total
 step count of a federated method, on mini-batches of the union of every
 client's training split. The driver then takes its update whole (one
-contribution: the weighted mean of one update is that update). Evaluation is the usual one: the same model on each
-client's own test split. So it sees the same data, the same number of
-parameter updates and the same evaluation as the federated rows; what it does
-not have is heterogeneity, which is why it bounds them (PF2LORA.md, Table 1).
+contribution: the weighted mean of one update is that update). Evaluation is
+the usual one: the same model on each client's own test split. So it sees the
+same data, the same number of parameter updates and the same evaluation as the
+federated rows; what it does not have is heterogeneity, which is why it bounds
+them (PF2LORA.md, Table 1).
 
 As for every method here, the AdamW state starts afresh each round.
 Communicated: nothing in a real deployment (the data are pooled); the
