@@ -26,6 +26,17 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 }
 
 
+def higher_is_better(metric: str) -> bool:
+    """Whether a higher value of a per-client metric is better, for picking the worst clients.
+
+    A derived name takes its base metric's direction: ``accuracy.shared_only`` (PF2LoRA's
+    diagnostic with the personal level off) is an accuracy. ``majority_accuracy`` counts as
+    an accuracy; names with no direction (the norms ``norm_C``, ``norm_D``) count as lower.
+    """
+    base = metric.split(".", 1)[0]
+    return HIGHER_IS_BETTER.get(base, base.endswith("accuracy"))
+
+
 def _pair(a: np.ndarray, b: np.ndarray, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
     """Return `a`, `b` as 1-D arrays after checking they have equal, non-zero length."""
     a, b = np.asarray(a), np.asarray(b)

@@ -32,7 +32,7 @@ import yaml
 from pf2lora_ray.client import EvalResult
 from pf2lora_ray.config import Config, config_hash, flatten, to_dict
 from pf2lora_ray.driver import DriverState, RoundReport
-from pf2lora_ray.metrics import HIGHER_IS_BETTER, summarize
+from pf2lora_ray.metrics import higher_is_better, summarize
 
 # Column -> Arrow type of each per-round table; every part file of a table has this schema.
 METRIC_SCHEMA = pa.schema(
@@ -149,8 +149,7 @@ def aggregate_rows(rows: list[dict]) -> list[dict]:
     df = pd.DataFrame(rows)
     out = []
     for (split, metric), g in df.groupby(["split", "metric"], sort=True):
-        higher = HIGHER_IS_BETTER.get(metric, metric.endswith("accuracy"))
-        stats = summarize(g["value"].to_numpy(np.float64), higher_is_better=higher)
+        stats = summarize(g["value"].to_numpy(np.float64), higher_is_better(metric))
         for stat in ("mean", "std", "worst_decile"):
             out.append(
                 {

@@ -145,3 +145,21 @@ def test_higher_is_better_directions() -> None:
         assert metrics.HIGHER_IS_BETTER[name] is True
     assert metrics.HIGHER_IS_BETTER["loss"] is False
     assert metrics.HIGHER_IS_BETTER["mse"] is False
+
+
+def test_derived_metric_names_take_the_base_direction() -> None:
+    assert metrics.higher_is_better("accuracy.shared_only") is True
+    assert metrics.higher_is_better("mcc.shared_only") is True
+    assert metrics.higher_is_better("loss.shared_only") is False
+    assert metrics.higher_is_better("majority_accuracy") is True
+
+
+def test_aggregate_rows_worst_decile_of_shared_only_accuracy_is_the_lowest() -> None:
+    from pf2lora_ray.results import aggregate_rows
+
+    rows = [
+        {"client_id": k, "split": "test", "metric": "accuracy.shared_only", "value": v}
+        for k, v in enumerate([0.2, 0.9, 0.8])
+    ]
+    out = {r["metric"]: r["value"] for r in aggregate_rows(rows)}
+    assert out["accuracy.shared_only.worst_decile"] == 0.2
