@@ -182,3 +182,20 @@ def test_seeds_give_each_variant_once_per_seed():
 def test_bad_seeds_lists_are_refused(data, sets, needle):
     with pytest.raises(ConfigError, match=needle):
         validate_job(data, sets)
+
+
+SHIPPED_JOBS = sorted(
+    p for p in (ROOT / "jobs").rglob("*.yaml") if p.parent.name != "spaces"
+)
+
+
+@pytest.mark.parametrize("path", SHIPPED_JOBS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_job_builds_every_run(path):
+    """Every job under jobs/ (not the search spaces) builds a config per run: no typo in a
+    key or value survives in a file a user is told to run. Data and models are not loaded."""
+    from pf2lora_ray.config import build_config, expand_job
+
+    variants = expand_job(read_yaml(path))
+    configs = [build_config(variant.overrides) for variant in variants]
+    assert configs, f"{path} expands to no run"
+    assert len({variant.folder for variant in variants}) == len(configs), "two runs share a folder"
