@@ -132,6 +132,38 @@ def test_per_fedavg_steps_match_the_hand_computation(variant: str) -> None:
     assert out.phi == {}
 
 
+def test_per_fedavg_adamw_outer_step_matches_the_hand_computation() -> None:
+    """``per_fedavg.outer: adamw``: the first-order meta-gradient through AdamW (fresh moments)."""
+    rng = np.random.default_rng(1)
+    x, y, w0 = rng.standard_normal((4, 2)), rng.standard_normal(4), rng.standard_normal(2)
+    alpha, lr, wd, steps = 0.1, 0.05, 0.01, 3
+    overrides = [
+        "algorithm.name=per_fedavg", "per_fedavg.outer=adamw", f"per_fedavg.lr_inner={alpha}",
+        f"algorithm.lr={lr}", f"algorithm.weight_decay={wd}", f"fed.local_steps={steps}",
+    ]
+    algo = ALGORITHMS["per_fedavg"](load_config(JOB, overrides))
+    data = ClientData(0, Split(torch.tensor(x), torch.tensor(y)), None)
+    out = algo.local_update(
+        ScalarLinearTask(), None, {"w": torch.tensor(w0)}, {}, data, RoundContext(0, 1, 0)
+    )
+
+    def grad(w: np.ndarray) -> np.ndarray:
+        return x.T @ (x @ w - y) / len(y)
+
+    w, m, v = w0, np.zeros(2), np.zeros(2)
+    for t in range(1, steps + 1):
+        g = grad(w - alpha * grad(w))
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
+        w = w * (1 - lr * wd) - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+    np.testing.assert_allclose(out.theta["w"].numpy(), w, rtol=1e-7, atol=1e-9)
+    sgd = ALGORITHMS["per_fedavg"](load_config(JOB, [*overrides, "per_fedavg.outer=sgd"]))
+    plain = sgd.local_update(
+        ScalarLinearTask(), None, {"w": torch.tensor(w0)}, {}, data, RoundContext(0, 1, 0)
+    )
+    assert not np.allclose(plain.theta["w"].numpy(), w)  # the option changes the update
+
+
 def test_per_fedavg_evaluation_takes_one_inner_step() -> None:
     host = host_for("per_fedavg", "per_fedavg.lr_inner=0.01")
     theta = torch_theta(host)

@@ -116,8 +116,9 @@ def test_dry_run_prints_tune_run_report(tmp_path: Path) -> None:
         check=True,
     )
     commands = [line for line in done.stdout.splitlines() if line.startswith("+ ")]
-    assert len(commands) == 6 + 1 + 1  # a tune per method, the seed run, the report
-    assert all(" tune " in line and "--samples 3 --set seed=0" in line for line in commands[:6])
-    assert f"run {out}/jobs/sst2.yaml --out {out}/runs/sst2" in commands[6]
-    assert commands[7].endswith(f"report {out}/runs")
+    tunes = len(driver.METHODS)
+    assert len(commands) == tunes + 1 + 1  # a tune per method, the seed run, the report
+    assert all(" tune " in line and "--samples 3 --set seed=0" in line for line in commands[:tunes])
+    assert f"run {out}/jobs/sst2.yaml --out {out}/runs/sst2" in commands[tunes]
+    assert commands[tunes + 1].endswith(f"report {out}/runs")
     assert not out.exists()

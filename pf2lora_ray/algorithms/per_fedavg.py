@@ -18,8 +18,10 @@ alpha = ``per_fedavg.lr_inner`` and beta = ``algorithm.lr``::
 
 The HF variant estimates the Hessian-vector product grad^2 f(w; D'') g by the
 paper's central finite difference with ``per_fedavg.delta`` (no double
-backward). The outer step is plain SGD with ``algorithm.lr``, as in the paper,
-not AdamW: tune ``algorithm.lr`` for this algorithm on its own scale.
+backward). The outer step is plain SGD with ``algorithm.lr``, as in the paper
+(``per_fedavg.outer: sgd``): tune ``algorithm.lr`` for it on SGD's scale.
+``per_fedavg.outer: adamw`` passes the same meta-gradient g to AdamW instead,
+the optimizer every other method (and PF2LoRA's upper level) uses locally.
 D, D', D'' are independent mini-batch streams of the client's train split.
 
 Evaluation personalises as the paper does: one step of ``lr_inner`` from the
@@ -33,6 +35,7 @@ from torch import nn
 
 from pf2lora_ray import seeds
 from pf2lora_ray.algorithms.base import (
+    AdamW,
     Algorithm,
     Local,
     RoundContext,
@@ -69,6 +72,7 @@ class PerFedAvg(Algorithm):
         w = {k: v.detach() for k, v in {**theta, **phi}.items()}
         names = sorted(w)
         loss = float("nan")
+        adamw = AdamW(beta, self.cfg.algorithm.weight_decay) if opts.outer == "adamw" else None
         for _ in range(self.cfg.fed.local_steps):
             _, g_in = loss_and_grads(task, model, w, names, next(d))
             temp = axpy(w, g_in, -alpha)
@@ -79,7 +83,7 @@ class PerFedAvg(Algorithm):
                 _, g_minus = loss_and_grads(task, model, axpy(w, g, -opts.delta), names, batch)
                 hvp = {k: (g_plus[k] - g_minus[k]) / (2 * opts.delta) for k in names}
                 g = axpy(g, hvp, -alpha)
-            w = axpy(w, g, -beta)
+            w = adamw.step(w, g) if adamw else axpy(w, g, -beta)
         return Local({k: w[k] for k in theta}, {k: w[k] for k in phi}, {"train_loss": loss})
 
     def eval_params(

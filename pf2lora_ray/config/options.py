@@ -70,9 +70,16 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class PerFedAvgConfig:
-    """``per_fedavg`` (Fallah et al. 2020) over the LoRA parameters."""
+    """``per_fedavg`` (Fallah et al. 2020) over the LoRA parameters.
+
+    ``outer`` is the meta (outer) update: ``sgd`` (the paper's w <- w - beta * g,
+    ``algorithm.lr`` on SGD's scale) or ``adamw`` (the same meta-gradient g through
+    AdamW with ``algorithm.lr`` and ``algorithm.weight_decay``, moments fresh each
+    round, as every other method's local optimizer).
+    """
 
     variant: Literal["first_order", "hessian_free"] = "first_order"
+    outer: Literal["sgd", "adamw"] = "sgd"
     lr_inner: float = 1e-2
     delta: float = 1e-3
 
