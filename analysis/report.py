@@ -24,14 +24,10 @@ from analysis.load import (
     load_tune,
     run_folders,
 )
+from analysis.methods import first_seed_runs, has_seed_replicates
 from analysis.plots import plot_metric_vs_round, plot_rank_heatmap, plot_tune_scatter
-from analysis.study import (
-    first_seed_runs,
-    has_seed_replicates,
-    plot_seed_bars,
-    rank_summary,
-    study_markdown,
-)
+from analysis.study import rank_summary
+from analysis.study_report import plot_seed_bars, study_markdown
 from analysis.tables import (
     best_trial,
     client_summary,
@@ -80,7 +76,7 @@ def write_report(path: str | Path) -> list[Path]:
     algorithm when there are several runs, client summary, ranks, system costs,
     metric against round, rank heatmaps). When some method was run with several
     seeds, the report opens with the "Over seeds" sections of
-    ``analysis.study.study_markdown`` (means with Student-t intervals over seeds,
+    ``analysis.study_report.study_markdown`` (means with Student-t intervals over seeds,
     worst decile, lift over the majority label, paired differences, the personal
     level) and ``seeds_bars.png``.
 

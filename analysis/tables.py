@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from analysis.methods import run_methods
+
 if TYPE_CHECKING:
     from analysis.load import Results
 
@@ -184,8 +186,6 @@ def comparison_table(results: Results, metric: str, split: str = "test") -> pd.D
     per_run["peak_rss_mb"] = grouped["peak_rss_mb"].mean()
     # Sweep variants (e.g. pf2lora vs its first_order ablation) stay apart; the
     # seeds of one variant (labels pf2lora-s0, pf2lora-s1, ...) are averaged.
-    from analysis.study import run_methods  # study imports this module
-
     runs = results.runs.set_index("run_id")
     label = runs["variant"] if "variant" in runs else runs["algorithm"]
     runs = runs.assign(variant=label.fillna(runs["algorithm"])).reset_index()

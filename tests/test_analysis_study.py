@@ -1,4 +1,4 @@
-"""Tests of results over seeds (analysis/stats.py, analysis/study.py) and the report built on them.
+"""Tests of results over seeds (analysis/stats, methods, study, study_report) and the report.
 
 Expected numbers are worked out by hand; t quantiles are the published table values.
 """
@@ -16,19 +16,11 @@ import yaml
 from matplotlib.container import BarContainer
 
 from analysis.load import METRICS_SCHEMA, Results, empty_table, load_results
+from analysis.methods import method_label, run_methods
 from analysis.report import write_report
 from analysis.stats import t_interval, t_quantile
-from analysis.study import (
-    format_cell,
-    method_label,
-    method_task_table,
-    paired_differences,
-    per_run_summary,
-    plot_seed_bars,
-    rank_summary,
-    run_methods,
-    seed_summary,
-)
+from analysis.study import paired_differences, per_run_summary, rank_summary, seed_summary
+from analysis.study_report import format_cell, method_task_table, plot_seed_bars
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T_975 = {1: 12.706205, 2: 4.302653, 4: 2.776445, 9: 2.262157, 30: 2.042272}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis.study import method_label
+from analysis.methods import method_label
 from pf2lora_ray.config import build_config, expand_job, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
