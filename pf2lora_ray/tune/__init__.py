@@ -37,9 +37,10 @@ never oversubscribe the cluster. Results under ``OUT``::
     best.yaml            the best trial as a ready job: base overrides + fixed + best values
     tune_spec.yaml       the base overrides, space and samples, checked again on --resume
 
-Modules: :mod:`~pf2lora_ray.tune.space` (SPACE.yaml), :mod:`~pf2lora_ray.tune.trial`
-(one trial: its config, reporting, placement bundles), :mod:`~pf2lora_ray.tune.outputs`
-(trials.parquet, best.yaml) and :mod:`~pf2lora_ray.tune.search` (:func:`run_tune`).
+Modules: :mod:`~pf2lora_ray.tune.space` (SPACE.yaml, a trial's config),
+:mod:`~pf2lora_ray.tune.trial` (one trial: reporting, placement bundles),
+:mod:`~pf2lora_ray.tune.outputs` (trials.parquet, best.yaml) and
+:mod:`~pf2lora_ray.tune.search` (:func:`run_tune`).
 """
 
 from pf2lora_ray.tune.outputs import (
@@ -51,14 +52,13 @@ from pf2lora_ray.tune.outputs import (
     write_best,
 )
 from pf2lora_ray.tune.search import SPEC_FILE, run_tune
-from pf2lora_ray.tune.space import Distribution, Space, load_space, parse_space
+from pf2lora_ray.tune.space import Distribution, Space, load_space, parse_space, trial_config
 from pf2lora_ray.tune.trial import (
     TuneReporter,
     concurrency,
     round_metrics,
     run_trial,
     trial_bundles,
-    trial_config,
 )
 
 __all__ = [

@@ -19,8 +19,8 @@ from pf2lora_ray import seeds
 from pf2lora_ray.config import Config, read_yaml
 from pf2lora_ray.results import write_text
 from pf2lora_ray.tune.outputs import TRIALS_FILE, TrialsWriter, overrides_of, write_best
-from pf2lora_ray.tune.space import Space, candidate_configs, load_space
-from pf2lora_ray.tune.trial import concurrency, run_trial, trial_bundles, trial_config
+from pf2lora_ray.tune.space import Space, candidate_configs, load_space, trial_config
+from pf2lora_ray.tune.trial import concurrency, run_trial, trial_bundles
 from pf2lora_ray.validate import UsageError, validate_run
 
 SPEC_FILE = "tune_spec.yaml"

@@ -1,5 +1,8 @@
 """SPACE.yaml: which config keys a tune searches, over what, judged by which metric.
 
+A point of the space is run as :func:`trial_config` (the base config with the
+point's values set).
+
 The layout is in :mod:`pf2lora_ray.tune`. Parsing checks everything before Ray
 starts: the metric and mode, the search and scheduler, and that the base config
 with every listed value (every bound of a range) set is a valid config.
@@ -13,9 +16,8 @@ from typing import Any
 
 from ray import tune
 
-from pf2lora_ray.config import Config, ConfigError, read_yaml
+from pf2lora_ray.config import Config, ConfigError, from_dict, read_yaml, set_dotted, to_dict
 from pf2lora_ray.metrics import HIGHER_IS_BETTER
-from pf2lora_ray.tune.trial import trial_config
 
 SPLITS = ("train", "test")
 STATS = ("mean", "std", "worst_decile")
@@ -152,6 +154,21 @@ def parse_space(data: dict[str, Any], base: Config) -> Space:
     )
     candidate_configs(base, space)  # every key and value builds a valid config
     return space
+
+
+def trial_config(base: Config, values: dict[str, Any]) -> Config:
+    """``base`` with dotted ``values`` set, quiet, checkpointing at every eval round.
+
+    Checkpoints at eval rounds let an interrupted trial continue from the round
+    it last reported when the tune is resumed.
+    """
+    data = to_dict(base)
+    for key, value in values.items():
+        set_dotted(data, key, value)
+    data["runtime"]["quiet"] = True
+    if not data["checkpoint"]["every"]:
+        data["checkpoint"]["every"] = data["fed"]["eval_every"]
+    return from_dict(data)
 
 
 def candidate_configs(base: Config, space: Space) -> list[Config]:

@@ -6,37 +6,20 @@ import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 from ray import tune
 
-from pf2lora_ray.config import Config, ConfigError, from_dict, set_dotted, to_dict
+from pf2lora_ray.config import Config, ConfigError
 from pf2lora_ray.driver import DriverState, RoundReport, is_eval_round
 from pf2lora_ray.experiment import run_experiment
 from pf2lora_ray.results import aggregate_rows
-
-if TYPE_CHECKING:
-    from pf2lora_ray.tune.space import Space
+from pf2lora_ray.tune.space import Space, trial_config
 
 # The driver only aggregates under the Ray backend; half a CPU leaves room for actors.
 RAY_DRIVER_CPUS = 0.5
 _EPS = 1e-9
-
-
-def trial_config(base: Config, values: dict[str, Any]) -> Config:
-    """``base`` with dotted ``values`` set, quiet, checkpointing at every eval round.
-
-    Checkpoints at eval rounds let an interrupted trial continue from the round
-    it last reported when the tune is resumed.
-    """
-    data = to_dict(base)
-    for key, value in values.items():
-        set_dotted(data, key, value)
-    data["runtime"]["quiet"] = True
-    if not data["checkpoint"]["every"]:
-        data["checkpoint"]["every"] = data["fed"]["eval_every"]
-    return from_dict(data)
 
 
 def round_metrics(report: RoundReport) -> dict[str, float]:
