@@ -5,7 +5,7 @@
     pf2lora report DIR
     pf2lora export DIR --client K --to OUT [--shared-only]
     pf2lora predict OUT --text "..."
-    pf2lora bench NAME [--quick] [--out DIR]
+    pf2lora bench NAME [--quick] [--out DIR] [--model M]
 
 Bad input (config, data, checkpoint, arguments) prints one line ``error: ...``
 naming what is wrong and exits with status 2, without a traceback. ``run`` and
@@ -103,7 +103,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pf2lora_ray.bench import run_bench
 
-    run_bench(args.name, quick=args.quick, out=args.out)
+    run_bench(args.name, quick=args.quick, out=args.out, model=args.model)
     return 0
 
 
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--out")
+    bench.add_argument("--model", help="cost only: minilm (default) or smollm2 (./setup.sh nlg)")
     bench.set_defaults(fn=cmd_bench)
     return p
 
