@@ -56,9 +56,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Check every run (config, names, data, partition) before the first one
     # starts, so bad input writes nothing.
     runs = validate_job(read_yaml(args.config), args.set or [], _extra(args))
-    for variant, cfg in runs:
+    for variant, cfg, data in runs:
         folder = out / variant.folder if variant.folder else out
-        run_experiment(cfg, folder, args.resume, variant=variant.label, validate=False)
+        run_experiment(cfg, folder, args.resume, variant=variant.label, data_check=data)
     print(f"results in {out}")
     return 0
 

@@ -204,18 +204,25 @@ class ClientHost:
     def evaluate(
         self, theta: Arrays, round_: int, client_ids: Sequence[int] | None = None
     ) -> EvalResult:
-        """Each client's personalized model on its own test split, plus its effective ranks."""
+        """Each client's personalized model on its validation and test splits, plus its ranks.
+
+        A client is personalized once (``eval_params``) and that model is scored on
+        every split it has: ``val`` rows first when ``data.val_fraction`` > 0, then
+        ``test``. Diagnostics (shared-only metric, norms) are computed per split too.
+        """
         t0 = time.perf_counter()
         theta_t = self._to_torch(theta)
         out = EvalResult()
         for k in self.client_ids if client_ids is None else sorted(client_ids):
             params = self.eval_params(theta_t, round_, k)
-            metrics = self.task.evaluate(self.model, params, self.data[k])
-            metrics |= self.algorithm.diagnostics(self.task, self.model, params, self.data[k])
-            out.rows += [
-                {"client_id": k, "split": "test", "metric": m, "value": float(v)}
-                for m, v in sorted(metrics.items())
-            ]
+            for split in self.data[k].eval_splits():
+                data = self.data[k].for_split(split)
+                metrics = self.task.evaluate(self.model, params, data)
+                metrics |= self.algorithm.diagnostics(self.task, self.model, params, data)
+                out.rows += [
+                    {"client_id": k, "split": split, "metric": m, "value": float(v)}
+                    for m, v in sorted(metrics.items())
+                ]
             out.ranks += self.ranks(params, k)
         out.compute_s, out.peak_rss_mb = time.perf_counter() - t0, peak_rss_mb()
         return out

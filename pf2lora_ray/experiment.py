@@ -92,18 +92,20 @@ def run_experiment(
     extra_callbacks: Sequence[Callback] = (),
     variant: str = "",
     validate: bool = True,
+    data_check: dict[str, float] | None = None,
 ) -> DriverState:
     """Run ``cfg`` writing results to ``out``; returns the final driver state.
 
     ``variant`` labels the run in a sweep (runs.parquet ``variant`` column).
     The run is checked first (:func:`pf2lora_ray.validate.validate_run`: registry
-    names, data, partition) unless ``validate`` is False because the caller did.
+    names, data, partition) unless ``validate`` is False or the caller hands in
+    the check's report as ``data_check`` (recorded in runs.parquet either way).
     If bad input still stops the run before its first round (an error raised in
     an actor), a folder this call created is removed again.
     """
     out = Path(out)
-    if validate:
-        validate_run(cfg)
+    if data_check is None:
+        data_check = validate_run(cfg) if validate else {}
     if cfg.runtime.backend not in BACKENDS:
         raise ConfigError(f"runtime.backend: unknown backend {cfg.runtime.backend!r}")
     created = not out.exists()
@@ -112,7 +114,7 @@ def run_experiment(
     resume = resume and any((out / f).exists() for f in RESULT_FILES)
     rounds = _RoundsDone()
     try:
-        return _run(cfg, out, resume, [rounds, *extra_callbacks], variant)
+        return _run(cfg, out, resume, [rounds, *extra_callbacks], variant, data_check)
     except Exception as err:
         if created and not rounds.done and unwrap(err) is not None:
             shutil.rmtree(out, ignore_errors=True)
@@ -134,7 +136,12 @@ class _RoundsDone:
 
 
 def _run(
-    cfg: Config, out: Path, resume: bool, extra_callbacks: list[Callback], variant: str
+    cfg: Config,
+    out: Path,
+    resume: bool,
+    extra_callbacks: list[Callback],
+    variant: str,
+    data_check: dict[str, float],
 ) -> DriverState:
     backend = BACKENDS[cfg.runtime.backend](cfg)
     try:
@@ -144,7 +151,7 @@ def _run(
 
             theta, resume_round = restore_latest(out, cfg, backend)
             start = resume_round + 1
-        callbacks: list[Callback] = [ResultsWriter(out, cfg, resume_round, variant)]
+        callbacks: list[Callback] = [ResultsWriter(out, cfg, resume_round, variant, data_check)]
         callbacks += _checkpoint_callbacks(cfg, out)
         if not cfg.runtime.quiet:
             callbacks.append(Progress(cfg))

@@ -196,10 +196,16 @@ class ResultsWriter:
     """
 
     def __init__(
-        self, out: str | Path, cfg: Config, resume_round: int | None = None, variant: str = ""
+        self,
+        out: str | Path,
+        cfg: Config,
+        resume_round: int | None = None,
+        variant: str = "",
+        data_check: dict[str, float] | None = None,
     ) -> None:
         self.out, self.cfg = Path(out), cfg
         self.variant = variant or cfg.algorithm.name
+        self.data_check = {f"data_check.{k}": float(v) for k, v in (data_check or {}).items()}
         self.run_id = run_id_for(cfg)
         self.t0 = time.perf_counter()
         self.prior_wall = 0.0
@@ -276,6 +282,7 @@ class ResultsWriter:
             "status": status,
             "wall_s": self.prior_wall + time.perf_counter() - self.t0,
             "config_hash": config_hash(self.cfg),
+            **self.data_check,
         }
         flat = {
             k: (str(v) if isinstance(v, list) else v) for k, v in flatten(to_dict(self.cfg)).items()

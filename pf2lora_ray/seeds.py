@@ -50,6 +50,8 @@ PERSONAL_INIT = "personal_init"  # phi_k: the personal factors C_k (and friends)
 TEST_SPLIT = "test_split"  # the client's own train/test split
 SUBSAMPLE_TRAIN = "subsample_train"  # data.max_train_per_client
 SUBSAMPLE_TEST = "subsample_test"  # data.max_test_per_client
+VAL_SPLIT = "val_split"  # data.val_fraction: the validation rows carved from the training share
+SUBSAMPLE_VAL = "subsample_val"  # data.max_val_per_client
 SYNTHETIC_CLIENT = "synthetic_client"  # synthetic task: the client's own update U_k V_k
 SYNTHETIC_DATA = "synthetic_data"  # synthetic task: the client's x and noise
 HETLORA_RANK = "hetlora_rank"  # HetLoRA: the client's initial rank
@@ -82,6 +84,8 @@ PURPOSES: dict[str, int] = {
     SYNTHETIC_CLIENT: 24,
     SYNTHETIC_DATA: 25,
     HETLORA_RANK: 26,
+    VAL_SPLIT: 27,
+    SUBSAMPLE_VAL: 28,
     CLIENT_SAMPLING: 40,
     BATCHES: 60,
     LOWER: 61,

@@ -25,8 +25,9 @@ Example::
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from pf2lora_ray.config import Config, ConfigError, Variant, build_config, expand_job, to_dict
 
@@ -72,34 +73,56 @@ def _data_key(cfg: Config) -> str:
     return repr((d["seed"], d["model"], d["data"], d["synthetic"], d["fed"]["num_clients"]))
 
 
-def validate_run(cfg: Config, _checked: set[str] | None = None) -> None:
+class CheckedRun(NamedTuple):
+    """One run of a job, checked: its sweep variant, config and data-check report."""
+
+    variant: Variant
+    cfg: Config
+    data: dict[str, float]
+
+
+def validate_run(cfg: Config, _checked: dict[str, dict[str, float]] | None = None) -> dict:
     """Check names and data of one run (see the module docstring).
+
+    When ``data.max_length`` cuts more than 5% of a split's examples, one line on
+    stderr says so and names the length that keeps 95% whole.
+
+    Returns:
+        The data check's report (``Task.check_data``; ``{}`` when it measures nothing),
+        which the run records in runs.parquet as ``data_check.*`` columns.
 
     Raises:
         ConfigError, DataError, PartitionError: the first problem found.
     """
     from pf2lora_ray.tasks import task_for
+    from pf2lora_ray.tasks.text import truncation_line
 
     check_names(cfg)
     key = _data_key(cfg)
     if _checked is not None and key in _checked:
-        return
-    task_for(cfg).check_data()  # building the task checks data.task, data.path, model.name
+        return _checked[key]
+    # Building the task checks data.task, data.path, model.name.
+    report = task_for(cfg).check_data() or {}
+    line = truncation_line(report, cfg.data.max_length)
+    if line:
+        print(f"data: {line}", file=sys.stderr)
     if _checked is not None:
-        _checked.add(key)
+        _checked[key] = report
+    return report
 
 
 def validate_job(
     data: dict[str, Any], sets: Sequence[str] = (), extra: dict[str, Any] | None = None
-) -> list[tuple[Variant, Config]]:
+) -> list[CheckedRun]:
     """Build and check every run of a job file (its ``sweep:`` variants and ``seeds:``).
 
     Errors of a variant name it: ``sweep variant 'homlora': algorithm.name: ...``.
 
     Returns:
-        (variant, config) per run, in job order.
+        (variant, config, data report) per run, in job order.
     """
-    runs, checked = [], set()
+    runs: list[CheckedRun] = []
+    checked: dict[str, dict[str, float]] = {}
     for variant in expand_job(data):
         try:
             cfg = build_config(variant.overrides, sets, extra)
@@ -108,12 +131,12 @@ def validate_job(
                     f"seed: the job lists seeds: (this run has seed {variant.seed}); "
                     "drop --set seed=... or the seeds: list"
                 )
-            validate_run(cfg, checked)
+            report = validate_run(cfg, checked)
         except bad_input_errors() as err:
             if not variant.folder:
                 raise
             raise type(err)(f"sweep variant {variant.folder!r}: {err}") from err
-        runs.append((variant, cfg))
+        runs.append(CheckedRun(variant, cfg, report))
     return runs
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from pf2lora_ray.cli import main
 from pf2lora_ray.config import ConfigError, load_config
@@ -296,3 +297,33 @@ def test_tiny_runs_on_ray_match_local(tmp_path, task, write):
     merged = local.merge(ray, on=key, suffixes=("_local", "_ray"))
     assert len(merged) == len(local) > 0
     np.testing.assert_allclose(merged.value_local, merged.value_ray, rtol=1e-4, atol=1e-5)
+
+
+def test_truncation_is_counted_named_and_recorded(tmp_path, capsys):
+    """Pairs cut by data.max_length: one line naming the share and the length for 95%."""
+    folder = write_similarity(tmp_path / "stsb", 60)  # pairs of 5 + 5 words
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "tiny-bert"},
+                "data": {"name": "glue", "task": "stsb", "path": str(folder), "max_length": 8},
+                "fed": {"num_clients": 2, "clients_per_round": 2, "rounds": 1, "local_steps": 1},
+                "runtime": {"backend": "local"},
+            }
+        )
+    )
+    assert main(["run", str(job), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if "data.max_length=8" in x]
+    assert len(lines) == 1
+    assert "100.0% of train" in lines[0] and "of val" in lines[0] and "of test" in lines[0]
+    runs = pd.read_parquet(tmp_path / "out" / "runs.parquet")
+    assert runs["data_check.truncated.train"].iloc[0] == 1.0
+    keep = int(runs["data_check.length_p95"].iloc[0])
+    assert keep > 8 and f"--set data.max_length={keep}" in lines[0]
+    # Long enough: nothing is cut, nothing is said, and the share is recorded as 0.
+    main(["run", str(job), "--out", str(tmp_path / "out2"), "--quiet", "--set",
+          f"data.max_length={keep + 8}"])
+    assert "data.max_length" not in capsys.readouterr().err
+    runs = pd.read_parquet(tmp_path / "out2" / "runs.parquet")
+    assert runs["data_check.truncated.test"].iloc[0] == 0.0

@@ -38,7 +38,7 @@ def _space(**changes: object) -> dict:
 
 def test_ready_spaces_parse() -> None:
     space = load_space("jobs/spaces/synthetic.yaml", BASE)
-    assert space.metric == "test.mse.mean" and space.mode == "min"
+    assert space.metric == "val.mse.mean" and space.mode == "min"
     assert set(space.params) >= {"adapter.r_personal", "pf2lora.lr_lower", "algorithm.lr"}
     assert "adapter.alpha" in space.params
     sst2 = load_space("jobs/spaces/sst2.yaml", BASE)
@@ -135,7 +135,8 @@ def test_reporter_reports_eval_rounds_and_a_resumed_round(
     run_experiment(cfg, tmp_path, extra_callbacks=[TuneReporter("test.mse.mean", tmp_path)])
     assert [r["round"] for r in reported] == [2, 4]
     metrics = pd.read_parquet(tmp_path / "metrics.parquet")
-    mean = metrics[(metrics["metric"] == "mse.mean") & (metrics["round"] == 4)]["value"]
+    test_rows = metrics[metrics["split"] == "test"]
+    mean = test_rows[(test_rows["metric"] == "mse.mean") & (test_rows["round"] == 4)]["value"]
     assert reported[1]["test.mse.mean"] == pytest.approx(float(mean.iloc[0]))
     assert "train.train_loss.mean" in reported[1]
     # A run resumed from round 4's checkpoint first re-reports round 4 from its folder.
@@ -158,7 +159,7 @@ def test_small_tune_end_to_end(tmp_path: Path) -> None:
     space.write_text(
         yaml.safe_dump(
             {
-                "metric": "test.mse.mean",
+                "metric": "val.mse.mean",
                 "mode": "min",
                 "fixed": {"resources.num_cpus_per_actor": 0.5},
                 "space": {
@@ -181,11 +182,63 @@ def test_small_tune_end_to_end(tmp_path: Path) -> None:
     assert trials["trial_id"].nunique() == 2
     assert {"config/adapter.r_personal", "config/pf2lora.lr_lower"} <= set(trials.columns)
     assert sorted(trials["config/adapter.r_personal"]) == [1, 2]
-    assert (trials["round"] == 2).all() and trials["test.mse.mean"].notna().all()
+    # eval_every 5 > rounds 2: the only evaluation is the final one, and Tune saw it.
+    assert (trials["round"] == 2).all() and (trials["rounds_planned"] == 2).all()
+    assert trials["val.mse.mean"].notna().all() and trials["test.mse.mean"].notna().all()
     for trial_id in trials["trial_id"]:
         assert (out / "trials" / trial_id / "metrics.parquet").exists()  # file or dataset folder
     job = load_config(best)
     assert job.fed.rounds == 2 and job.synthetic.train_size == 64
-    chosen = trials.loc[trials["test.mse.mean"].idxmin()]
+    chosen = trials.loc[trials["val.mse.mean"].idxmin()]
     assert job.adapter.r_personal == chosen["config/adapter.r_personal"]
     assert job.pf2lora.lr_lower == pytest.approx(chosen["config/pf2lora.lr_lower"])
+
+
+def test_trials_completed_from_run_folders(tmp_path: Path) -> None:
+    """An evaluation a run wrote but Tune never saw is added to trials.parquet."""
+    from helpers import tiny_synthetic
+
+    from pf2lora_ray.experiment import run_experiment
+    from pf2lora_ray.tune.outputs import TRIALS_FILE, complete_from_runs
+
+    cfg = tiny_synthetic("fed.rounds=3", "fed.eval_every=2", "adapter.r=4")
+    run_experiment(cfg, tmp_path / "trials" / "t0")
+    seen = pd.DataFrame(  # Tune saw round 2 only
+        [{"trial_id": "t0", "round": 2, "val.mse.mean": 1.0, "config/adapter.r": 4}]
+    )
+    seen.to_parquet(tmp_path / TRIALS_FILE)
+    complete_from_runs(tmp_path, ["adapter.r"])
+    trials = pd.read_parquet(tmp_path / TRIALS_FILE).set_index("round")
+    assert list(trials.index) == [2, 3]
+    assert trials.loc[2, "val.mse.mean"] == 1.0  # what Tune saw is kept
+    metrics = pd.read_parquet(tmp_path / "trials" / "t0" / "metrics.parquet")
+    final = metrics[metrics["client_id"].isna() & (metrics["round"] == 3)]
+    final = final.set_index(final["split"] + "." + final["metric"])["value"]
+    assert trials.loc[3, "val.mse.mean"] == pytest.approx(final["val.mse.mean"])
+    assert trials.loc[3, "test.mse.mean"] == pytest.approx(final["test.mse.mean"])
+    assert trials.loc[3, "rounds_planned"] == 3 and trials.loc[3, "config/adapter.r"] == 4
+
+
+@pytest.mark.parametrize(
+    ("rounds", "eval_every", "grace", "cut"),
+    [(8, 4, 0.75, 8), (8, 2, 0.75, 6), (8, 1, 0.75, 6), (24, 4, 0.75, 20), (8, 4, 0.5, 4)],
+)
+def test_asha_first_cut_never_before_grace(rounds, eval_every, grace, cut) -> None:
+    from pf2lora_ray.config import FedConfig
+    from pf2lora_ray.tune.search import first_cut
+
+    fed = FedConfig(num_clients=2, clients_per_round=2, rounds=rounds, eval_every=eval_every)
+    assert first_cut(fed, grace) == cut
+    assert cut >= grace * rounds
+
+
+def test_val_metric_needs_validation_rows(capsys) -> None:
+    data = {"metric": "val.mse.mean", "mode": "min", "space": {"algorithm.lr": {"grid": [0.01]}}}
+    assert parse_space(data, BASE).split == "val"
+    no_val = load_config(SYNTHETIC_JOB, ["data.val_fraction=0"])
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        parse_space(data, no_val)
+    with pytest.raises(ConfigError, match="grace"):
+        parse_space({**data, "scheduler": "asha", "grace": 1.5}, BASE)
+    parse_space({**data, "scheduler": "asha", "grace": 0.25}, BASE)
+    assert "can stop slow starters" in capsys.readouterr().err

@@ -161,11 +161,11 @@ def test_seeds_give_each_variant_once_per_seed():
     data = {"fed": {"rounds": 1}, "seeds": [0, 3],
             "sweep": [{"label": "a", "algorithm.name": "homlora"}, {"label": "b"}]}
     runs = validate_job(data)
-    assert [(v.folder, v.label, cfg.seed) for v, cfg in runs] == [
+    assert [(v.folder, v.label, cfg.seed) for v, cfg, _ in runs] == [
         ("a-s0", "a", 0), ("a-s3", "a", 3), ("b-s0", "b", 0), ("b-s3", "b", 3)
     ]
     alone = validate_job({"seeds": [1, 2]})
-    assert [(v.folder, v.label, cfg.seed) for v, cfg in alone] == [("s1", "", 1), ("s2", "", 2)]
+    assert [(v.folder, v.label, cfg.seed) for v, cfg, _ in alone] == [("s1", "", 1), ("s2", "", 2)]
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,7 @@ METHODS: dict[str, dict[str, Any]] = {
     },
 }
 # The metric Tune selects on, per task: (reported column, mode); accuracy otherwise.
-TUNE_METRICS = {"cola": ("test.mcc.mean", "max"), "synthetic": ("test.mse.mean", "min")}
+TUNE_METRICS = {"cola": ("val.mcc.mean", "max"), "synthetic": ("val.mse.mean", "min")}
 
 # --profile: --set lines applied to every tune and run (on top of the task's job).
 # long: the schedule at which the issue-13 probe saw the personal level help on SST-2.
@@ -135,7 +135,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def task_space(task: str, method: str) -> dict[str, Any]:
     """The method's search space with the task's metric (CoLA: mcc; synthetic: mse, min)."""
     space = yaml.safe_load((SPACES / f"{METHODS[method]['space']}.yaml").read_text())
-    space["metric"], space["mode"] = TUNE_METRICS.get(task, ("test.accuracy.mean", "max"))
+    space["metric"], space["mode"] = TUNE_METRICS.get(task, ("val.accuracy.mean", "max"))
     return space
 
 

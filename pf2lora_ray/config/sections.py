@@ -118,11 +118,15 @@ class DataConfig:
     similarity: float = 0.0
     quantity_sigma: float = 1.0
     test_fraction: float = 0.2
+    # Each client's validation split, carved from its training share (tuning selects
+    # on val.<metric>; tables report test). 0 = no validation rows, as before.
+    val_fraction: float = 0.1
     max_length: int = 64
     batch_size: int = 16
     eval_batch_size: int = 64
     max_train_per_client: int = 0
     max_test_per_client: int = 0
+    max_val_per_client: int = 0
     # Text tasks (tasks/glue.py, tasks/webnlg.py): which split is partitioned,
     # column overrides for files whose names differ from the task's, decoding.
     split: str = "train"
@@ -135,11 +139,13 @@ class DataConfig:
         check(self.alpha > 0, "data.alpha", f"must be > 0, got {self.alpha}")
         check(0 <= self.similarity <= 1, "data.similarity", "must be in [0, 1]")
         check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+        check(0 <= self.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
         check(self.max_length > 0, "data.max_length", "must be > 0")
         check(self.batch_size > 0, "data.batch_size", "must be > 0")
         check(self.eval_batch_size > 0, "data.eval_batch_size", "must be > 0")
         check(self.max_train_per_client >= 0, "data.max_train_per_client", "must be >= 0")
         check(self.max_test_per_client >= 0, "data.max_test_per_client", "must be >= 0")
+        check(self.max_val_per_client >= 0, "data.max_val_per_client", "must be >= 0")
         check(bool(self.split), "data.split", "must name a split, e.g. train")
         check(len(self.text_columns) <= 2, "data.text_columns", "must list at most 2 columns")
         check(self.max_new_tokens > 0, "data.max_new_tokens", "must be > 0")

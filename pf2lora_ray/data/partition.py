@@ -2,7 +2,8 @@
 
 `partition` turns `num_examples` example indices into one index array per client
 under a named scheme; the schemes are found in `SCHEMES`, a registry keyed by
-name. `split_train_test` then gives each client its own train/test split.
+name. `split_train_test` then gives each client its own train/test split, and
+`split_off_validation` carves its validation rows out of that training share.
 
 Contracts shared by every scheme:
 
@@ -290,6 +291,45 @@ def split_train_test(
     num_test = min(max(round(test_fraction * indices.size), 1), indices.size - 1)
     shuffled = seeds.rng(seed, seeds.TEST_SPLIT, client).permutation(indices)
     return np.sort(shuffled[num_test:]), np.sort(shuffled[:num_test])
+
+
+def split_off_validation(
+    train: np.ndarray, val_fraction: float, seed: int, client: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Carve one client's validation rows out of its training share.
+
+    The validation part has round(val_fraction * n) rows, clamped to [1, n - 1]
+    when val_fraction > 0, and is empty when it is 0 (the training share is then
+    returned unchanged). The shuffle comes from stream (seed, `seeds.VAL_SPLIT`,
+    client), so the validation rows depend only on (seed, client), and training
+    never sees them.
+
+    Args:
+        train: The client's training indices (1-D), as `split_train_test` returns them.
+        val_fraction: Fraction of the training share held out, in [0, 1).
+        seed: Run seed, >= 0.
+        client: Client index, >= 0 (also named in errors).
+
+    Returns:
+        (train, val): sorted int64 arrays, disjoint, together equal to `train`.
+
+    Raises:
+        PartitionError: If val_fraction is outside [0, 1) or a positive fraction
+            leaves the client fewer than 2 training rows to split.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise PartitionError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    train = np.asarray(train, dtype=np.int64)
+    if val_fraction == 0.0:
+        return train, np.empty(0, np.int64)
+    if train.size < 2:
+        raise PartitionError(
+            f"client {client} has {train.size} training example(s) and cannot give up "
+            "validation rows; it needs at least 2 (use fewer clients or data.val_fraction=0)"
+        )
+    num_val = min(max(round(val_fraction * train.size), 1), train.size - 1)
+    shuffled = seeds.rng(seed, seeds.VAL_SPLIT, client).permutation(train)
+    return np.sort(shuffled[num_val:]), np.sort(shuffled[:num_val])
 
 
 def label_histogram(parts: Sequence[np.ndarray], labels: np.ndarray, num_labels: int) -> np.ndarray:

@@ -11,6 +11,7 @@ Tasks are found by name in :data:`TASKS` (``@register_task``), chosen from
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,13 +26,26 @@ Batch = dict[str, Any]
 
 @dataclass
 class ClientData:
-    """One client's examples. ``train``/``test`` are sized objects the task can batch."""
+    """One client's examples. ``train``/``val``/``test`` are sized objects the task can batch.
+
+    ``val`` (None when ``data.val_fraction`` is 0) is carved from the training share and
+    never trained on; evaluation scores it like ``test`` (see :meth:`for_split`).
+    """
 
     client_id: int
     train: Any  # sized, batched by Task.batch
     test: Any
     true_rank: int | None = None
     train_labels: np.ndarray | None = None
+    val: Any = None
+
+    def for_split(self, split: str) -> ClientData:
+        """This client with ``split``'s rows in the place :meth:`Task.evaluate` scores."""
+        return self if split == "test" else dataclasses.replace(self, test=getattr(self, split))
+
+    def eval_splits(self) -> list[str]:
+        """The splits evaluation scores: ``val`` when the client has validation rows, ``test``."""
+        return (["val"] if self.val is not None and len(self.val) else []) + ["test"]
 
     @property
     def num_train(self) -> int:
@@ -49,12 +63,17 @@ class Task(Protocol):
     def head_names(self, model: nn.Module) -> list[str]:
         """Names of trainable task-head parameters (empty when there is none)."""
 
-    def check_data(self) -> None:
+    def check_data(self) -> dict[str, float] | None:
         """Read the data and split them over all ``fed.num_clients`` clients, as hosts will.
 
         Called on the driver before a run starts (:mod:`pf2lora_ray.validate`), so a
         missing file, a bad label or too few rows stops the run before anything is
-        written. Cheap: no model, no tokenizer.
+        written. Cheap: no model (text tasks load the tokenizer to measure lengths).
+
+        Returns:
+            What the check measured, recorded in runs.parquet (``data_check.*``): text
+            tasks give ``truncated.<split>``, the share of each split's examples that
+            ``data.max_length`` cuts, and ``length_p95``; None when there is nothing.
 
         Raises:
             DataError, PartitionError, ConfigError: naming the file, row or key.
@@ -70,7 +89,11 @@ class Task(Protocol):
         """Mean training loss of ``model`` run with ``params`` substituted."""
 
     def evaluate(self, model: nn.Module, params: Params, data: ClientData) -> dict[str, float]:
-        """Metrics of the client's personalized model on its test split."""
+        """Metrics of the client's personalized model on ``data.test``.
+
+        The client scores its validation rows through the same call with
+        ``data.for_split("val")``, so a task scores whatever ``data.test`` holds.
+        """
 
 
 TASKS: dict[str, Callable[..., Task]] = {}

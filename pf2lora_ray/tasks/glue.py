@@ -48,6 +48,7 @@ from pf2lora_ray.tasks.text import (
     param_device,
     quiet_loggers,
     read_table,
+    truncation,
 )
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -301,18 +302,30 @@ class GlueTask:
             )
         return self._splits
 
-    def check_data(self) -> None:
-        self.splits().check()
+    def check_data(self) -> dict[str, float]:
+        """Partition check, then what ``data.max_length`` cuts of the rows clients use."""
+        splits = self.splits()
+        splits.check()
+        table = self.table()
+        rows = splits(range(self.cfg.fed.num_clients)).values()
+        lengths = {}
+        for i, split in enumerate(("train", "val", "test")):
+            idx = np.concatenate([r[i] for r in rows])
+            texts = [[field[j] for j in idx] for field in table.texts]
+            ids = self.tokenizer(*texts, truncation=False)["input_ids"] if idx.size else []
+            lengths[split] = np.array([len(x) for x in ids], dtype=np.int64)
+        return truncation(lengths, self.cfg.data.max_length)
 
     def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
         missing = [k for k in client_ids if k not in self._clients]
         if missing:
             table = self.table()
             splits = self.splits()(missing)
-            for k, (train, test) in splits.items():
+            for k, (train, val, test) in splits.items():
                 tr, te = self._examples(table, train), self._examples(table, test)
                 labels = None if self.spec.label_names is None else tr.targets
-                self._clients[k] = ClientData(k, tr, te, train_labels=labels)
+                va = self._examples(table, val) if val.size else None
+                self._clients[k] = ClientData(k, tr, te, train_labels=labels, val=va)
         return {k: self._clients[k] for k in client_ids}
 
     def _examples(self, table: Table, idx: np.ndarray) -> Examples:

@@ -4,7 +4,9 @@ Client k observes y = (W0 + dW_k*) x + noise with x ~ N(0, I) and
 dW_k* = U0 V0 (rank r0, common) + U_k V_k (rank q_k, its own), so the true rank
 of client k's update is r0 + q_k. The base model is a single frozen
 ``nn.Linear`` named ``proj`` holding W0; adapters attach to it exactly as they
-attach to a transformer's query/value projections.
+attach to a transformer's query/value projections. A client's validation rows
+are ``data.val_fraction`` of its ``synthetic.train_size`` training draws, so the
+test draws do not depend on it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch.func import functional_call
 
 from pf2lora_ray import seeds
 from pf2lora_ray.config import Config
+from pf2lora_ray.data.partition import split_off_validation
 from pf2lora_ray.tasks.base import Batch, ClientData, Params, register_task
 
 
@@ -44,6 +47,14 @@ class PairSplit:
 
     def __len__(self) -> int:
         return len(self.x)
+
+
+def _rows(split: PairSplit, idx: np.ndarray) -> PairSplit:
+    """Rows ``idx`` of a split (the whole split, unchanged, when ``idx`` covers it)."""
+    if len(idx) == len(split):
+        return split
+    i = torch.as_tensor(idx, dtype=torch.long)
+    return PairSplit(split.x[i], split.y[i])
 
 
 def _orthonormal(rng: np.random.Generator, dim: int, k: int) -> np.ndarray:
@@ -101,8 +112,16 @@ class SyntheticTask:
                 y = x @ w.T + self.s.noise * rng.standard_normal((n, self.s.dim))
                 return PairSplit(torch.tensor(x, dtype=dtype), torch.tensor(y, dtype=dtype))
 
+            train, test = draw(self.s.train_size), draw(self.s.test_size)
+            keep, val = split_off_validation(
+                np.arange(len(train)), self.cfg.data.val_fraction, self.cfg.seed, k
+            )
             out[k] = ClientData(
-                k, draw(self.s.train_size), draw(self.s.test_size), self.true_rank(k)
+                k,
+                _rows(train, keep),
+                test,
+                self.true_rank(k),
+                val=_rows(train, val) if val.size else None,
             )
         return out
 

@@ -27,7 +27,12 @@ import torch
 
 from pf2lora_ray import seeds
 from pf2lora_ray.config import Config
-from pf2lora_ray.data.partition import PartitionError, partition, split_train_test
+from pf2lora_ray.data.partition import (
+    PartitionError,
+    partition,
+    split_off_validation,
+    split_train_test,
+)
 from pf2lora_ray.tasks.base import Batch, DataError
 
 FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -131,8 +136,9 @@ class ClientSplits:
     The partition (``data.partition``, ``data.alpha``, ``data.similarity``,
     ``data.quantity_sigma``) is drawn when this object is built; calling it gives
     each requested client's share split ``1 - data.test_fraction`` /
-    ``data.test_fraction``, then cut to ``data.max_train_per_client`` /
-    ``data.max_test_per_client`` rows. A task keeps one, so a host that loads its
+    ``data.test_fraction``, ``data.val_fraction`` of the training share held out
+    for validation, then cut to ``data.max_train_per_client`` /
+    ``data.max_val_per_client`` / ``data.max_test_per_client`` rows. A task keeps one, so a host that loads its
     clients' data lazily does not partition the split again per client.
 
     Raises:
@@ -175,24 +181,61 @@ class ClientSplits:
                 f"over fed.num_clients={n}: {err}"
             ) from err
 
-    def __call__(self, client_ids: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """(train, test) example indices of each client in ``client_ids``."""
+    def __call__(
+        self, client_ids: Sequence[int]
+    ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(train, val, test) example indices of each client in ``client_ids``.
+
+        The validation rows are carved from the client's training share before the
+        training rows are cut to ``data.max_train_per_client``, so the two never meet
+        (``val`` is empty when ``data.val_fraction`` is 0).
+        """
         d, seed = self.cfg.data, self.cfg.seed
+        out = {}
         with self._named():
-            splits = {
-                k: split_train_test(self.parts[k], d.test_fraction, seed, k) for k in client_ids
-            }
-        return {
-            k: (
-                subsample(train, d.max_train_per_client, seed, k, seeds.SUBSAMPLE_TRAIN),
-                subsample(test, d.max_test_per_client, seed, k, seeds.SUBSAMPLE_TEST),
-            )
-            for k, (train, test) in splits.items()
-        }
+            for k in client_ids:
+                train, test = split_train_test(self.parts[k], d.test_fraction, seed, k)
+                train, val = split_off_validation(train, d.val_fraction, seed, k)
+                out[k] = (
+                    subsample(train, d.max_train_per_client, seed, k, seeds.SUBSAMPLE_TRAIN),
+                    subsample(val, d.max_val_per_client, seed, k, seeds.SUBSAMPLE_VAL),
+                    subsample(test, d.max_test_per_client, seed, k, seeds.SUBSAMPLE_TEST),
+                )
+        return out
 
     def check(self) -> None:
         """Split every client once: each must hold enough rows for train and test."""
         self(range(self.cfg.fed.num_clients))
+
+
+def truncation(lengths: dict[str, np.ndarray], max_length: int) -> dict[str, float]:
+    """What ``data.max_length`` cuts, per split, from the untruncated token ``lengths``.
+
+    Returns:
+        ``truncated.<split>``: the share of the split's examples longer than
+        ``max_length`` (0 for an empty split), and ``length_p95``: the length that
+        keeps 95% of all examples whole.
+    """
+    report = {
+        f"truncated.{split}": float(np.mean(n > max_length)) if n.size else 0.0
+        for split, n in lengths.items()
+    }
+    every = np.concatenate([n for n in lengths.values()] or [np.zeros(0)])
+    report["length_p95"] = float(np.ceil(np.quantile(every, 0.95))) if every.size else 0.0
+    return report
+
+
+def truncation_line(report: dict[str, float], max_length: int, threshold: float = 0.05) -> str:
+    """One line for the user when more than ``threshold`` of a split is cut, else ""."""
+    cut = {k.split(".", 1)[1]: v for k, v in report.items() if k.startswith("truncated.")}
+    if not any(v > threshold for v in cut.values()):
+        return ""
+    shares = ", ".join(f"{v:.1%} of {split}" for split, v in cut.items())
+    keep = int(report["length_p95"])
+    return (
+        f"data.max_length={max_length} cuts {shares} examples; "
+        f"95% fit in {keep} tokens (--set data.max_length={keep})"
+    )
 
 
 @dataclass

@@ -152,14 +152,22 @@ class WebNLGTask:
         if missing:
             entries = self.entries()
             splits = self.splits()(missing)
-            for k, (train, test) in splits.items():
+            for k, (train, val, test) in splits.items():
                 tr = [(entries[i], t) for i in train for t in entries[i].texts]
-                te = [(entries[i], entries[i].texts[0]) for i in test]
-                test_split = self._examples(te)
-                test_split.extra["prompt"] = [self._prompt_ids(entries[i]) for i in test]
-                test_split.extra["references"] = [list(entries[i].texts) for i in test]
-                self._clients[k] = ClientData(k, self._examples(tr), test_split)
+                self._clients[k] = ClientData(
+                    k,
+                    self._examples(tr),
+                    self._scored(entries, test),
+                    val=self._scored(entries, val) if val.size else None,
+                )
         return {k: self._clients[k] for k in client_ids}
+
+    def _scored(self, entries: list[Entry], idx: np.ndarray) -> Examples:
+        """Entries scored by evaluation: one row each, with its prompt and every reference."""
+        split = self._examples([(entries[i], entries[i].texts[0]) for i in idx])
+        split.extra["prompt"] = [self._prompt_ids(entries[i]) for i in idx]
+        split.extra["references"] = [list(entries[i].texts) for i in idx]
+        return split
 
     def _prompt_ids(self, entry: Entry) -> list[int]:
         ids = self.tokenizer(prompt_of(entry), add_special_tokens=False)["input_ids"]

@@ -2,15 +2,16 @@
 
 Each trial is one full federated simulation (:func:`run_experiment`) of the base
 config with the trial's sampled values set. It reports the across-client
-aggregates of every evaluation round to Tune (``test.mse.mean``, ``train.loss.mean``,
+aggregates of every evaluation round to Tune (``val.mse.mean``, ``test.mse.mean``, ``train.loss.mean``,
 ...), together with ``round``, the time axis of the ASHA scheduler.
 
 SPACE.yaml::
 
-    metric: test.mse.mean      # <split>.<metric>.<mean|std|worst_decile>, reported each eval round
+    metric: val.mse.mean       # <split>.<metric>.<mean|std|worst_decile>; split val | test | train
     mode: min                  # min | max (must agree with the metric's direction)
     search: random             # random: --samples draws | grid: every key is a grid, run once
-    scheduler: asha            # asha: stop bad trials early on `round` | none
+    scheduler: none            # none: every trial runs to the end | asha (first cut at `grace`)
+    grace: 0.75                # asha only: no trial is judged before this share of the rounds
     max_concurrent: 0          # 0 = as many trials as the cluster's resources hold
     driver_cpus: 0.5           # optional: CPUs of a trial's driver bundle (see trial_bundles)
     fixed:                     # optional: dotted overrides applied to every trial

@@ -11,9 +11,10 @@ import pandas as pd
 import yaml
 from ray import tune
 
-from pf2lora_ray.config import Config, flatten, from_dict, set_dotted, to_dict
+from pf2lora_ray.config import Config, flatten, from_dict, read_yaml, set_dotted, to_dict
 from pf2lora_ray.results import write_parquet, write_text
 from pf2lora_ray.tune.space import SPLITS, Space
+from pf2lora_ray.tune.trial import PLANNED
 
 TRIALS_FILE = "trials.parquet"
 BEST_FILE = "best.yaml"
@@ -39,12 +40,52 @@ class TrialsWriter(tune.Callback):
                 self.rows[(row["trial_id"], int(row["round"]))] = row
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
-        row: dict[str, Any] = {"trial_id": trial.trial_id, "round": int(result["round"])}
+        self.add(trial.trial_id, result, trial.config)
+        self.write()
+
+    def add(self, trial_id: str, result: dict[str, Any], config: dict[str, Any]) -> None:
+        """Keep one reported result (its round replaces an earlier report of that round)."""
+        row: dict[str, Any] = {"trial_id": trial_id, "round": int(result["round"])}
+        if PLANNED in result:
+            row[PLANNED] = int(result[PLANNED])
         row |= {k: v for k, v in result.items() if k.split(".")[0] in SPLITS}
-        row |= {f"{CONFIG_PREFIX}{k}": trial.config[k] for k in self.keys}
+        row |= {f"{CONFIG_PREFIX}{k}": config[k] for k in self.keys}
         self.rows[(row["trial_id"], row["round"])] = row
-        frame = pd.DataFrame([self.rows[k] for k in sorted(self.rows)])
-        write_parquet(frame, self.path)
+
+    def write(self) -> None:
+        """Rewrite the trials file atomically from every row kept."""
+        write_parquet(pd.DataFrame([self.rows[k] for k in sorted(self.rows)]), self.path)
+
+
+def complete_from_runs(out: Path, keys: Sequence[str]) -> None:
+    """Add to ``trials.parquet`` every evaluation a trial's run wrote that Tune did not see.
+
+    A trial's run folder (``trials/<trial_id>/metrics.parquet``) holds the aggregates of
+    every evaluation round, the final one included; what reaches Tune's callbacks can
+    miss the last report of a trial that ends right after it. The run folder is the
+    record, so best.yaml and the report judge every trial at its real last evaluation.
+    """
+    writer = TrialsWriter(out / TRIALS_FILE, keys)
+    writer.setup()
+    added = False
+    for run_dir in sorted((out / "trials").glob("*/")):
+        metrics_path, config_path = run_dir / "metrics.parquet", run_dir / "config.yaml"
+        if not (metrics_path.exists() and config_path.is_file()):
+            continue
+        rows = pd.read_parquet(metrics_path)
+        rows = rows[rows["client_id"].isna()]
+        evaluated = rows.loc[rows["split"] != "train", "round"].unique()
+        rows = rows[rows["round"].isin(evaluated)]  # Tune hears of evaluation rounds only
+        flat = flatten(read_yaml(config_path))
+        for round_, group in rows.groupby("round"):
+            if (run_dir.name, int(round_)) in writer.rows:
+                continue
+            result = {f"{r.split}.{r.metric}": float(r.value) for r in group.itertuples()}
+            result |= {"round": int(round_), PLANNED: int(flat["fed.rounds"])}
+            writer.add(run_dir.name, result, {k: flat[k] for k in keys})
+            added = True
+    if added:
+        writer.write()
 
 
 def overrides_of(cfg: Config) -> dict[str, Any]:

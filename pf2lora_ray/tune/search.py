@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,15 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pf2lora_ray import seeds
-from pf2lora_ray.config import Config, read_yaml
+from pf2lora_ray.config import Config, FedConfig, read_yaml
 from pf2lora_ray.results import write_text
-from pf2lora_ray.tune.outputs import TRIALS_FILE, TrialsWriter, overrides_of, write_best
+from pf2lora_ray.tune.outputs import (
+    TRIALS_FILE,
+    TrialsWriter,
+    complete_from_runs,
+    overrides_of,
+    write_best,
+)
 from pf2lora_ray.tune.space import Space, candidate_configs, load_space, trial_config
 from pf2lora_ray.tune.trial import concurrency, run_trial, trial_bundles
 from pf2lora_ray.validate import UsageError, validate_run
@@ -89,6 +96,12 @@ def run_tune(
     if samples < 1:
         raise UsageError(f"--samples must be >= 1, got {samples}")
     space = load_space(space_path, cfg)
+    if space.split == "test":
+        print(
+            f"tune: selecting on the test split ({space.metric}); name val.<metric>.<stat> "
+            "to choose on validation rows and keep test for reporting",
+            file=sys.stderr,
+        )
     checked: set[str] = set()
     for candidate in candidate_configs(cfg, space):  # names, data and partition, as `run` does
         validate_run(candidate, checked)
@@ -112,6 +125,7 @@ def run_tune(
                 f"tune interrupted with {unfinished} trial(s) unfinished; continue it with "
                 "the same command plus --resume"
             )
+        complete_from_runs(out, list(space.params))
         if not (out / TRIALS_FILE).is_file():
             first = grid.errors[0] if grid.errors else "no error was recorded"
             raise RuntimeError(f"no trial reported a result; first error: {first}")
@@ -126,6 +140,17 @@ def run_tune(
     finally:
         if started:
             ray.shutdown()
+
+
+def first_cut(fed: FedConfig, grace: float) -> int:
+    """ASHA's first rung: the first evaluation round at or after ``grace`` of the schedule.
+
+    Evaluations fall every ``fed.eval_every`` rounds and at the last round, so a
+    trial is never judged before ``grace * fed.rounds`` rounds (the study's spaces
+    use no scheduler at all: every trial runs to the end).
+    """
+    earliest = max(1, math.ceil(grace * fed.rounds - 1e-9))
+    return min(math.ceil(earliest / fed.eval_every) * fed.eval_every, fed.rounds)
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -164,7 +189,7 @@ def _tuner(
                 for v in space.params["fed.rounds"].candidates()
             ]
         max_t = max(fed.rounds for fed in rounds)
-        grace = min(min(fed.eval_every, fed.rounds) for fed in rounds)
+        grace = min(first_cut(fed, space.grace) for fed in rounds)
         scheduler = ASHAScheduler(time_attr="round", max_t=max_t, grace_period=grace)
     return tune.Tuner(
         trainable,

@@ -10,6 +10,7 @@ with every listed value (every bound of a range) set is a valid config.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,11 @@ from ray import tune
 from pf2lora_ray.config import Config, ConfigError, from_dict, read_yaml, set_dotted, to_dict
 from pf2lora_ray.metrics import HIGHER_IS_BETTER
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 STATS = ("mean", "std", "worst_decile")
 SEARCHES = ("random", "grid")
 SCHEDULERS = ("asha", "none")
-SPACE_KEYS = ("metric", "mode", "search", "scheduler", "max_concurrent", "driver_cpus")
+SPACE_KEYS = ("metric", "mode", "search", "scheduler", "grace", "max_concurrent", "driver_cpus")
 SPACE_KEYS += ("fixed", "space")
 
 
@@ -80,10 +81,16 @@ class Space:
     mode: str
     params: dict[str, Distribution]
     search: str = "random"
-    scheduler: str = "asha"
+    scheduler: str = "none"
     max_concurrent: int = 0
     driver_cpus: float | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
+    grace: float = 0.75
+
+    @property
+    def split(self) -> str:
+        """The split the search selects on: ``val`` (keeps ``test`` for reporting) or not."""
+        return self.metric.split(".", 1)[0]
 
     def param_space(self) -> dict[str, Any]:
         """Flat ``{dotted key: Tune sampler}`` for ``Tuner(param_space=...)``."""
@@ -95,7 +102,7 @@ def _check_metric(metric: Any, mode: Any) -> None:
     if len(parts) != 3 or parts[0] not in SPLITS or parts[2] not in STATS:
         raise ConfigError(
             f"metric: expected <split>.<metric>.<stat> with split in {list(SPLITS)} and stat in "
-            f"{list(STATS)} (e.g. test.accuracy.mean), got {metric!r}"
+            f"{list(STATS)} (e.g. val.accuracy.mean), got {metric!r}"
         )
     if parts[1] not in HIGHER_IS_BETTER:
         raise ConfigError(f"metric: unknown metric {parts[1]!r}; known: {sorted(HIGHER_IS_BETTER)}")
@@ -118,11 +125,22 @@ def parse_space(data: dict[str, Any], base: Config) -> Space:
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown space key; known: {list(SPACE_KEYS)}")
     _check_metric(data.get("metric"), data.get("mode"))
-    search, scheduler = data.get("search", "random"), data.get("scheduler", "asha")
+    search, scheduler = data.get("search", "random"), data.get("scheduler", "none")
     if search not in SEARCHES:
         raise ConfigError(f"search: must be one of {list(SEARCHES)}, got {search!r}")
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler: must be one of {list(SCHEDULERS)}, got {scheduler!r}")
+    grace = data.get("grace", 0.75)
+    if not (isinstance(grace, (int, float)) and not isinstance(grace, bool) and 0 < grace <= 1):
+        raise ConfigError(
+            f"grace: ASHA's first cut as a fraction of the schedule, in (0, 1]; got {grace!r}"
+        )
+    if scheduler == "asha" and grace < 0.75:
+        print(
+            f"tune: ASHA's first cut at {grace:g} of the schedule can stop slow starters; "
+            "a comparison of methods should use grace >= 0.75 or scheduler: none",
+            file=sys.stderr,
+        )
     max_concurrent = data.get("max_concurrent", 0)
     if type(max_concurrent) is not int or max_concurrent < 0:
         raise ConfigError(f"max_concurrent: must be an integer >= 0, got {max_concurrent!r}")
@@ -151,8 +169,16 @@ def parse_space(data: dict[str, Any], base: Config) -> Space:
         max_concurrent,
         None if driver_cpus is None else float(driver_cpus),
         dict(fixed),
+        float(grace),
     )
-    candidate_configs(base, space)  # every key and value builds a valid config
+    configs = candidate_configs(base, space)  # every key and value builds a valid config
+    if space.split == "val":
+        for cfg in configs:
+            if cfg.data.val_fraction == 0:
+                raise ConfigError(
+                    f"metric: {space.metric} selects on the validation split, but a trial "
+                    "would run with data.val_fraction=0 (no validation rows); set it > 0"
+                )
     return space
 
 

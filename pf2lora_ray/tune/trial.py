@@ -20,6 +20,9 @@ from pf2lora_ray.tune.space import Space, trial_config
 # The driver only aggregates under the Ray backend; half a CPU leaves room for actors.
 RAY_DRIVER_CPUS = 0.5
 _EPS = 1e-9
+# Reported with every result: the trial's fed.rounds, so a report can tell a trial that
+# ran to the end from one a scheduler stopped.
+PLANNED = "rounds_planned"
 
 
 def round_metrics(report: RoundReport) -> dict[str, float]:
@@ -48,7 +51,7 @@ class TuneReporter:
         rows = rows[rows["client_id"].isna() & (rows["round"] == state.round)]
         metrics = {f"{r.split}.{r.metric}": float(r.value) for r in rows.itertuples()}
         if self.metric in metrics:
-            tune.report({**metrics, "round": state.round})
+            tune.report({**metrics, "round": state.round, PLANNED: state.cfg.fed.rounds})
 
     def on_round_end(self, state: DriverState, report: RoundReport) -> None:
         if report.eval is None:
@@ -58,7 +61,7 @@ class TuneReporter:
             raise ConfigError(
                 f"metric: {self.metric!r} is not reported by this job; it reports {sorted(metrics)}"
             )
-        tune.report({**metrics, "round": report.round})
+        tune.report({**metrics, "round": report.round, PLANNED: state.cfg.fed.rounds})
 
     def on_end(self, state: DriverState, status: str) -> None:
         pass
