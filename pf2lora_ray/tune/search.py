@@ -102,7 +102,7 @@ def run_tune(
             "to choose on validation rows and keep test for reporting",
             file=sys.stderr,
         )
-    checked: set[str] = set()
+    checked: dict[str, dict[str, float]] = {}
     for candidate in candidate_configs(cfg, space):  # names, data and partition, as `run` does
         validate_run(candidate, checked)
     out = Path(out).resolve()
