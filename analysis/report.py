@@ -28,6 +28,7 @@ from analysis.methods import first_seed_runs, has_seed_replicates
 from analysis.plots import plot_metric_vs_round, plot_rank_heatmap, plot_tune_scatter
 from analysis.study import rank_summary
 from analysis.study_report import plot_seed_bars, study_markdown
+from analysis.sweep import plot_sweep_heatmaps, sweep_cells, sweep_markdown, varying_keys
 from analysis.tables import (
     best_trial,
     client_summary,
@@ -117,6 +118,7 @@ def _write_run_report(folder: Path) -> list[Path]:
         direction = "higher" if metric_direction(metric) else "lower"
         lines += [f"Main metric: **{metric}** on test ({direction} is better).", ""]
         written += _seed_sections(results, folder, lines)
+        written += _sweep_sections(results, folder, lines)
         lines += _metric_sections(results, metric)
         written += _metric_figure(results, metric, folder, lines)
     if not results.ranks.empty and has_seed_replicates(results):
@@ -164,6 +166,20 @@ def _seed_sections(results: Results, folder: Path, lines: list[str]) -> list[Pat
         return []
     path = _save_figure(plot_seed_bars(summary), folder / "seeds_bars.png")
     lines += [f"![mean over seeds with 95% t-intervals]({path.name})", ""]
+    return [path]
+
+
+def _sweep_sections(results: Results, folder: Path, lines: list[str]) -> list[Path]:
+    """A sweep over exactly two config keys: grids and heatmaps of the metric and the gain."""
+    keys = varying_keys(results.runs)
+    if len(keys) != 2:
+        return []
+    cells = sweep_cells(results, keys)
+    if cells.empty:
+        return []
+    lines += sweep_markdown(cells, keys)
+    path = _save_figure(plot_sweep_heatmaps(cells, keys), folder / "sweep_heatmap.png")
+    lines += [f"![{keys[0]} x {keys[1]}]({path.name})", ""]
     return [path]
 
 

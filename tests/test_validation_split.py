@@ -8,7 +8,7 @@ import pytest
 from helpers import tiny_synthetic
 
 from pf2lora_ray.config import load_config
-from pf2lora_ray.data.partition import PartitionError, SCHEMES, split_off_validation
+from pf2lora_ray.data.partition import SCHEMES, PartitionError, split_off_validation
 from pf2lora_ray.tasks.text import ClientSplits
 
 
@@ -83,7 +83,9 @@ def test_synthetic_validation_rows_come_from_the_training_draws() -> None:
     part = task_for(tiny_synthetic("data.val_fraction=0.25")).client_data([1])[1]
     assert full.val is None and len(full.train) == 64
     assert len(part.train) == 48 and len(part.val) == 16
-    rows = {tuple(x.tolist()) for x in full.train.x}
-    assert {tuple(x.tolist()) for x in part.train.x} | {tuple(x.tolist()) for x in part.val.x} == rows
-    assert not {tuple(x.tolist()) for x in part.train.x} & {tuple(x.tolist()) for x in part.val.x}
+    def rows(split) -> set[tuple]:
+        return {tuple(x.tolist()) for x in split.x}
+
+    assert rows(part.train) | rows(part.val) == rows(full.train)
+    assert not rows(part.train) & rows(part.val)
     assert (full.test.x == part.test.x).all()  # the test draws do not depend on it

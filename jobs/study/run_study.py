@@ -1,4 +1,4 @@
-"""Run the study (issues 13, 19): tune every method on seed 0, run the best rates on every seed, report.
+"""Run the study (issues 13, 19): tune each method on seed 0, run the best on every seed, report.
 
     python jobs/study/run_study.py [--tasks sst2 qnli] [--methods ...] [--seeds 0 1 2]
         [--trials 5] [--max-concurrent N] [--profile default|long|paper]

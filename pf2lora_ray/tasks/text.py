@@ -138,8 +138,9 @@ class ClientSplits:
     each requested client's share split ``1 - data.test_fraction`` /
     ``data.test_fraction``, ``data.val_fraction`` of the training share held out
     for validation, then cut to ``data.max_train_per_client`` /
-    ``data.max_val_per_client`` / ``data.max_test_per_client`` rows. A task keeps one, so a host that loads its
-    clients' data lazily does not partition the split again per client.
+    ``data.max_val_per_client`` / ``data.max_test_per_client`` rows. A task keeps
+    one, so a host that loads its clients' data lazily does not partition the split
+    again per client.
 
     Raises:
         PartitionError: a client would be empty or too small to split; the message
@@ -220,7 +221,7 @@ def truncation(lengths: dict[str, np.ndarray], max_length: int) -> dict[str, flo
         f"truncated.{split}": float(np.mean(n > max_length)) if n.size else 0.0
         for split, n in lengths.items()
     }
-    every = np.concatenate([n for n in lengths.values()] or [np.zeros(0)])
+    every = np.concatenate(list(lengths.values()) or [np.zeros(0)])
     report["length_p95"] = float(np.ceil(np.quantile(every, 0.95))) if every.size else 0.0
     return report
 

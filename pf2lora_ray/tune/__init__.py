@@ -2,8 +2,9 @@
 
 Each trial is one full federated simulation (:func:`run_experiment`) of the base
 config with the trial's sampled values set. It reports the across-client
-aggregates of every evaluation round to Tune (``val.mse.mean``, ``test.mse.mean``, ``train.loss.mean``,
-...), together with ``round``, the time axis of the ASHA scheduler.
+aggregates of every evaluation round to Tune (``val.mse.mean``, ``test.mse.mean``,
+``train.loss.mean``, ...), together with ``round``, the time axis of the ASHA scheduler,
+and ``rounds_planned``, so a report tells a trial that ran to the end from a stopped one.
 
 SPACE.yaml::
 
