@@ -13,7 +13,8 @@ Steps, per task (base job ``jobs/study/<task>.yaml``):
    ``OUT/tune/<task>/<method>/`` (skipped when its best.yaml exists, so a rerun resumes).
 2. A job ``OUT/jobs/<task>.yaml``: the base job, ``seeds: [0, 1, 2]`` and one sweep
    variant per method (label ``<method>``) holding the method's keys and tuned rates.
-3. ``pf2lora run`` of that job into ``OUT/runs/<task>/<method>-s<seed>/``.
+3. ``pf2lora run`` of that job into ``OUT/runs/<task>/<method>-s<seed>/``; seed 0's run is
+   the chosen trial itself, copied (it is the same run), so only the other seeds are run.
 4. ``pf2lora report OUT/runs``: means with 95% Student-t intervals over seeds, paired
    differences PF2LoRA minus each baseline, the personal level (analysis/study.py).
 
@@ -27,13 +28,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 JOBS = Path(__file__).resolve().parent
@@ -225,14 +229,39 @@ class Study:
         self.command(argv, "tune", task, method)
         return best
 
-    def seeds_job(self, task: str, bests: dict[str, Path]) -> Path:
+    def reuse_tuned_seed(self, task: str, bests: dict[str, Path]) -> list[int]:
+        """Seed 0's run of each method is its chosen trial: copy it, return the seeds left to run.
+
+        The chosen trial ran the seed-0 job with the chosen rates; it differs from the
+        seed job's run only in its checkpoint cadence, which does not change results
+        (tests/test_resume.py), so it is not run again. Its runs.parquet gets the
+        method's label as ``variant``; its checkpoints are not copied.
+        """
+        if 0 not in self.args.seeds:
+            return list(self.args.seeds)
+        for method, best in bests.items():
+            dest = self.out / "runs" / task / f"{method}-s0"
+            print(f"# seed 0 of {task}/{method}: the chosen trial, copied to {dest}", flush=True)
+            if self.args.dry_run or dest.exists():
+                continue
+            trial = re.search(r"trial (\S+)\.$", best.read_text(), re.MULTILINE).group(1)
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            source = best.parent / "trials" / trial
+            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoints", "report*"))
+            runs = pd.read_parquet(tmp / "runs.parquet").assign(variant=method)
+            runs.to_parquet(tmp / "runs.parquet", index=False)
+            os.replace(tmp, dest)
+        return [seed for seed in self.args.seeds if seed != 0]
+
+    def seeds_job(self, task: str, bests: dict[str, Path], seeds: list[int]) -> Path:
         path = self.out / "jobs" / f"{task}.yaml"
-        print(f"# compose {path}: {', '.join(bests)} x seeds {self.args.seeds}", flush=True)
+        print(f"# compose {path}: {', '.join(bests)} x seeds {seeds}", flush=True)
         if not self.args.dry_run:
             base = yaml.safe_load(self.job(task).read_text())
             tuned = {method: yaml.safe_load(best.read_text()) for method, best in bests.items()}
             path.parent.mkdir(parents=True, exist_ok=True)
-            job = compose(base, tuned, self.args.seeds)
+            job = compose(base, tuned, seeds)
             header = f"# Composed by jobs/study/run_study.py from {self.job(task)} and\n"
             header += "".join(f"#   {best}\n" for best in bests.values())
             path.write_text(header + yaml.safe_dump(job, sort_keys=False))
@@ -254,7 +283,9 @@ class Study:
                 raise SystemExit(f"error: no job {self.job(task)} for task {task!r}")
         for task in self.args.tasks:
             bests = {method: self.tune(task, method) for method in self.args.methods}
-            self.run(task, self.seeds_job(task, bests))
+            seeds = self.reuse_tuned_seed(task, bests)
+            if seeds:
+                self.run(task, self.seeds_job(task, bests, seeds))
         self.command([*PF2LORA, "report", str(self.out / "runs")], "report", "all")
 
 
