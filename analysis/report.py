@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.compact import SEARCH_FILE, search_rows, search_summary
 from analysis.load import (
     TRIALS_FILE,
     Results,
@@ -55,14 +56,16 @@ def main_metric(metrics: pd.DataFrame, split: str = "test") -> str | None:
 
 
 def main_tune_metric(trials: pd.DataFrame) -> str | None:
-    """The first column naming one of MAIN_METRICS, preferring ``test.`` columns.
+    """The first column naming one of MAIN_METRICS, preferring ``val.``, then ``test.`` columns.
 
-    For example "test.accuracy.mean" is chosen over "train.accuracy.mean".
+    For example "val.accuracy.mean" is chosen over "test.accuracy.mean", and that
+    over "train.accuracy.mean".
     """
     reported = [column for column in trials.columns if column not in config_columns(trials)]
     for metric in MAIN_METRICS:
         matches = [column for column in reported if metric in column.split(".")]
-        matches.sort(key=lambda column: not column.startswith("test."))
+        # The split a search selects on: validation first, then test.
+        matches.sort(key=lambda c: (not c.startswith("val."), not c.startswith("test.")))
         if matches:
             return matches[0]
     return None
@@ -118,6 +121,7 @@ def _write_run_report(folder: Path) -> list[Path]:
         direction = "higher" if metric_direction(metric) else "lower"
         lines += [f"Main metric: **{metric}** on test ({direction} is better).", ""]
         written += _seed_sections(results, folder, lines)
+        lines += _search_section(folder)
         written += _sweep_sections(results, folder, lines)
         lines += _metric_sections(results, metric)
         written += _metric_figure(results, metric, folder, lines)
@@ -169,6 +173,23 @@ def _seed_sections(results: Results, folder: Path, lines: list[str]) -> list[Pat
     return [path]
 
 
+def _search_section(folder: Path) -> list[str]:
+    """How each method was searched: the Tune folders under ``folder``, or a compact copy."""
+    file = folder / SEARCH_FILE
+    rows = pd.read_parquet(file) if file.is_file() else search_rows(folder)
+    if rows.empty:
+        return []
+    return [
+        "## Search (Ray Tune, per method)",
+        "",
+        "Trials per search, how many ran every planned round, and the rounds at which a "
+        "scheduler stopped the others. Each search chose its best trial by its last reported "
+        "validation metric.",
+        "",
+        to_markdown(search_summary(rows)),
+    ]
+
+
 def _sweep_sections(results: Results, folder: Path, lines: list[str]) -> list[Path]:
     """A sweep over exactly two config keys: grids and heatmaps of the metric and the gain."""
     keys = varying_keys(results.runs)
@@ -211,7 +232,8 @@ def _write_tune_report(folder: Path) -> list[Path]:
     metric = main_tune_metric(trials)
     last = trials_last_round(trials)
     written: list[Path] = []
-    lines = [f"# Tune report: {folder.name}", "", f"{len(last)} trials.", ""]
+    lines = [f"# Tune report: {folder.name}", ""]
+    lines += [to_markdown(search_summary(search_rows(folder).assign(search=folder.name)))]
     if metric is not None:
         mode = "max" if metric_direction(metric) else "min"
         best = best_trial(trials, metric, mode).rename_axis("key").to_frame("value")

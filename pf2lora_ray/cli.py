@@ -2,7 +2,7 @@
 
     pf2lora run CONFIG.yaml [--set key=value ...] [--out DIR] [--address ADDR] [--resume]
     pf2lora tune CONFIG.yaml --space SPACE.yaml [--samples N] [--out DIR]
-    pf2lora report DIR
+    pf2lora report DIR [--compact DEST]
     pf2lora export DIR --client K --to OUT [--shared-only]
     pf2lora predict OUT --text "..."
     pf2lora bench NAME [--quick] [--out DIR] [--model M]
@@ -79,6 +79,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not Path(args.dir).is_dir():
         raise UsageError(f"{args.dir}: no such results folder")
+    if args.compact:
+        from analysis.compact import write_compact
+
+        if Path(args.compact).exists() and not Path(args.compact).is_dir():
+            raise UsageError(f"--compact {args.compact}: is a file; name a folder")
+        for path in write_compact(args.dir, args.compact):
+            print(path)
+        return 0
     for path in write_report(args.dir):
         print(path)
     return 0
@@ -134,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="report.md and PNG plots for a results folder")
     rep.add_argument("dir")
+    rep.add_argument(
+        "--compact",
+        metavar="DEST",
+        help="write the study's compact results (evaluations, ranks, searches) to DEST instead",
+    )
     rep.set_defaults(fn=cmd_report)
 
     exp = sub.add_parser("export", help="a client's personalized adapter in PEFT format")

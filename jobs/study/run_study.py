@@ -15,8 +15,10 @@ Steps, per task (base job ``jobs/study/<task>.yaml``):
    variant per method (label ``<method>``) holding the method's keys and tuned rates.
 3. ``pf2lora run`` of that job into ``OUT/runs/<task>/<method>-s<seed>/``; seed 0's run is
    the chosen trial itself, copied (it is the same run), so only the other seeds are run.
-4. ``pf2lora report OUT/runs``: means with 95% Student-t intervals over seeds, paired
-   differences PF2LoRA minus each baseline, the personal level (analysis/study.py).
+4. ``pf2lora report OUT``: means with 95% Student-t intervals over seeds, paired
+   differences PF2LoRA minus each baseline, the personal level (analysis/study.py), and
+   how each method was searched (trials, rounds reached). ``pf2lora report OUT --compact
+   DEST`` keeps what the tables need in a few hundred KB (analysis/compact.py).
 
 Every command is printed before it runs (``--dry-run`` prints them only) and its wall
 time is appended to ``OUT/timing.tsv``. Run from the repository root. Unless
@@ -286,7 +288,7 @@ class Study:
             seeds = self.reuse_tuned_seed(task, bests)
             if seeds:
                 self.run(task, self.seeds_job(task, bests, seeds))
-        self.command([*PF2LORA, "report", str(self.out / "runs")], "report", "all")
+        self.command([*PF2LORA, "report", str(self.out)], "report", "all")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
