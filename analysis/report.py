@@ -27,8 +27,8 @@ from analysis.load import (
 )
 from analysis.methods import first_seed_runs, has_seed_replicates
 from analysis.plots import plot_metric_vs_round, plot_rank_heatmap, plot_tune_scatter
-from analysis.study import rank_summary
-from analysis.study_report import plot_seed_bars, study_markdown
+from analysis.study import evaluation_rounds, rank_summary
+from analysis.study_report import POINTS_METRICS, plot_seed_bars, study_markdown
 from analysis.sweep import plot_sweep_heatmaps, sweep_cells, sweep_markdown, varying_keys
 from analysis.tables import (
     best_trial,
@@ -122,6 +122,7 @@ def _write_run_report(folder: Path) -> list[Path]:
         lines += [f"Main metric: **{metric}** on test ({direction} is better).", ""]
         written += _seed_sections(results, folder, lines)
         lines += _search_section(folder)
+        lines += _evaluation_section(results, metric)
         written += _sweep_sections(results, folder, lines)
         lines += _metric_sections(results, metric)
         written += _metric_figure(results, metric, folder, lines)
@@ -171,6 +172,26 @@ def _seed_sections(results: Results, folder: Path, lines: list[str]) -> list[Pat
     path = _save_figure(plot_seed_bars(summary), folder / "seeds_bars.png")
     lines += [f"![mean over seeds with 95% t-intervals]({path.name})", ""]
     return [path]
+
+
+def _evaluation_section(results: Results, metric: str) -> list[str]:
+    """Runs evaluated more than once: the metric at every evaluation, personal level on and off."""
+    table = evaluation_rounds(results, metric)
+    if table.empty or table.groupby(["method", "seed"])["round"].nunique().max() < 2:
+        return []
+    scale = 100.0 if metric in POINTS_METRICS else 1.0
+    shown = table.copy()
+    numbers = [c for c in shown.columns if c not in ("method", "seed", "round")]
+    shown[numbers] = (shown[numbers] * scale).round(2 if scale == 100.0 else 6)
+    unit = " (points)" if scale == 100.0 else ""
+    return [
+        f"## Every evaluation: {metric}{unit}, with the personal level and without (off)",
+        "",
+        "The clients' mean at each evaluation round; `off` = the same model with D_k C_k "
+        "switched off, `gain` = the difference (methods without a personal level: empty).",
+        "",
+        to_markdown(shown),
+    ]
 
 
 def _search_section(folder: Path) -> list[str]:

@@ -270,3 +270,30 @@ def single_metric(values: pd.Series, where: str) -> str:
     if len(distinct) != 1:
         raise ValueError(f"{where}: runs use different metrics {distinct}")
     return distinct[0]
+
+
+def evaluation_rounds(results: Results, metric: str) -> pd.DataFrame:
+    """Every evaluation of every run: the clients' mean ``metric``, with and without D_k C_k.
+
+    Returns:
+        One row per (method, seed, round): for each split present (``val``, ``test``)
+        the clients' mean ``metric``, the mean of ``<metric>.shared_only`` and their
+        difference (the personal level's gain; NaN without a personal level).
+    """
+    methods = run_methods(results.runs).set_index("run_id")
+    rows = results.metrics[results.metrics["client_id"].notna()]
+    names = {metric: "", f"{metric}.{SHARED_ONLY}": " off"}
+    rows = rows[rows["metric"].isin(names) & (rows["split"] != "train")]
+    if rows.empty:
+        return pd.DataFrame()
+    means = rows.groupby(["run_id", "round", "split", "metric"])["value"].mean().reset_index()
+    means["column"] = means["split"] + means["metric"].map(names)
+    table = means.pivot(index=["run_id", "round"], columns="column", values="value")
+    for split in ("val", "test"):
+        if split in table and f"{split} off" in table:
+            table[f"{split} gain"] = table[split] - table[f"{split} off"]
+    table = table.reset_index().join(methods[["method", "seed"]], on="run_id")
+    columns = ("val", "val off", "val gain", "test", "test off", "test gain")
+    order = [c for c in columns if c in table]
+    table = table[["method", "seed", "round", *order]]
+    return table.sort_values(["method", "seed", "round"], ignore_index=True)

@@ -80,3 +80,34 @@ def test_no_sweep_section_for_one_key(tmp_path: Path) -> None:
     write_report(tmp_path)
     assert "## Sweep" not in (tmp_path / "report.md").read_text()
     assert not (tmp_path / "sweep_heatmap.png").exists()
+
+
+def test_every_evaluation_with_and_without_the_personal_level(tmp_path: Path) -> None:
+    from analysis.study import evaluation_rounds
+
+    runs = runs_table(
+        [
+            ("h", "homlora", "homlora", 0, "glue", "sst2"),
+            ("p", "pf2lora", "pf2lora", 0, "glue", "sst2"),
+        ]
+    )
+    rows = []
+    for round_ in (8, 16, 24):
+        for split in ("val", "test"):
+            for client in (0, 1):
+                rows.append(("h", round_, client, split, "accuracy", 0.80 + round_ / 1000))
+                rows.append(("p", round_, client, split, "accuracy", 0.78 + round_ / 1000))
+                rows.append(("p", round_, client, split, "accuracy.shared_only", 0.75))
+    results = results_of(runs, rows)
+    table = evaluation_rounds(results, "accuracy")
+    pf2 = table[table["method"] == "pf2lora"].set_index("round")
+    assert list(pf2.index) == [8, 16, 24]
+    assert pf2.loc[24, "test gain"] == pytest.approx(0.78 + 0.024 - 0.75)
+    assert pf2.loc[8, "val off"] == pytest.approx(0.75)
+    assert table[table["method"] == "homlora"]["test gain"].isna().all()
+    results.runs.to_parquet(tmp_path / "runs.parquet")
+    results.metrics.to_parquet(tmp_path / "metrics.parquet")
+    write_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "## Every evaluation: accuracy (points), with the personal level and without" in report
+
