@@ -4,7 +4,7 @@
     pf2lora tune CONFIG.yaml --space SPACE.yaml [--samples N] [--out DIR]
     pf2lora report DIR [--compact DEST]
     pf2lora export DIR --client K --to OUT [--shared-only]
-    pf2lora predict OUT --text "..."
+    pf2lora predict OUT --text "..." | --triple S P O [--triple ...]
     pf2lora bench NAME [--quick] [--out DIR] [--model M]
 
 Bad input (config, data, checkpoint, arguments) prints one line ``error: ...``
@@ -102,8 +102,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from pf2lora_ray.export import predict_many
+    from pf2lora_ray.export.predict import triples_source
+    from pf2lora_ray.validate import UsageError
 
-    for line in predict_many(args.adapter, args.text):  # loads the model once
+    texts = list(args.text or [])
+    if args.triple:
+        texts.append(triples_source(args.adapter, args.triple))  # one source: the triple set
+    if not texts:
+        raise UsageError("predict: give --text TEXT or, for a WebNLG export, --triple S P O")
+    for line in predict_many(args.adapter, texts, args.max_new_tokens):  # loads the model once
         print(line)
     return 0
 
@@ -158,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="run an exported adapter on text")
     pred.add_argument("adapter")
-    pred.add_argument("--text", action="append", required=True)
+    pred.add_argument("--text", action="append", help="an input or source (repeatable)")
+    pred.add_argument(
+        "--triple", action="append", nargs=3, metavar=("S", "P", "O"),
+        help="one triple of a WebNLG source (repeat for a set; all form one input)",
+    )
+    pred.add_argument("--max-new-tokens", type=int, help="default: the run's data.max_new_tokens")
     pred.set_defaults(fn=cmd_predict)
 
     bench = sub.add_parser("bench", help="benchmarks (overhead, flower, scaling, cost)")

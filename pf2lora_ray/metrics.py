@@ -20,6 +20,8 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "pearson": True,
     "spearman": True,
     "bleu": True,
+    "chrf": True,
+    "ter": False,
     "rouge_l": True,
     "loss": False,
     "mse": False,
@@ -124,6 +126,13 @@ def _check_generation(hypotheses: Sequence[str], references: Sequence[Sequence[s
             raise ValueError(f"references[{i}] must be a non-empty list of strings, got {refs!r}")
 
 
+def _streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:
+    """sacrebleu's reference *streams*: one string per example each, None where an example
+    has fewer references than the most."""
+    width = max(len(refs) for refs in references)
+    return [[refs[j] if j < len(refs) else None for refs in references] for j in range(width)]
+
+
 def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Corpus BLEU via sacrebleu's `corpus_bleu` with its default settings.
 
@@ -133,16 +142,47 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> floa
             (examples may have different numbers of references).
 
     Returns:
-        BLEU on sacrebleu's 0-100 scale (not 0-1).
+        BLEU on sacrebleu's 0-100 scale (the PF2LoRA paper prints 0-1: divide by 100).
     """
     import sacrebleu
 
     _check_generation(hypotheses, references)
-    width = max(len(refs) for refs in references)
-    # sacrebleu wants reference *streams* (one string per example each); None
-    # marks a missing reference for examples with fewer than `width`.
-    streams = [[refs[j] if j < len(refs) else None for refs in references] for j in range(width)]
-    return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)
+    return float(sacrebleu.corpus_bleu(list(hypotheses), _streams(references)).score)
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus chrF (character 6-grams, beta 2) via sacrebleu's `corpus_chrf`, 0-100.
+
+    With several references sacrebleu scores each example against its best one.
+    """
+    import sacrebleu
+
+    _check_generation(hypotheses, references)
+    return float(sacrebleu.corpus_chrf(list(hypotheses), _streams(references)).score)
+
+
+def ter(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus translation edit rate via sacrebleu's `corpus_ter`, in percent (lower is better).
+
+    Edits to the closest reference over the mean reference length, x 100; it can
+    exceed 100 when a hypothesis is much longer than its references.
+    """
+    import sacrebleu
+
+    _check_generation(hypotheses, references)
+    return float(sacrebleu.corpus_ter(list(hypotheses), _streams(references)).score)
+
+
+def generation_scores(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]]
+) -> dict[str, float]:
+    """``bleu``, ``chrf``, ``ter`` (sacrebleu, 0-100) and ``rouge_l`` (rouge-score, 0-1)."""
+    return {
+        "bleu": bleu(hypotheses, references),
+        "chrf": chrf(hypotheses, references),
+        "ter": ter(hypotheses, references),
+        "rouge_l": rouge_l(hypotheses, references),
+    }
 
 
 def rouge_l(

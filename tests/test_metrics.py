@@ -103,11 +103,39 @@ def test_rouge_l_max_over_references_mean_over_examples() -> None:
     assert metrics.rouge_l(hyps, refs) == pytest.approx(13 / 21)
 
 
+def test_ter_hand_computed_closest_reference_and_above_100() -> None:
+    # one substitution (the -> a) over a 6-word reference: 1/6 of 100
+    assert metrics.ter(["the cat sat on the mat"], [["the cat sat on a mat"]]) == pytest.approx(
+        100 / 6
+    )
+    # the hypothesis equals its second reference: no edit, whatever the first says
+    assert metrics.ter(["a b c d"], [["a b c d e f g h", "a b c d"]]) == 0.0
+    # 2 substitutions + 1 insertion over a 2-word reference
+    assert metrics.ter(["x y z"], [["a b"]]) == pytest.approx(150.0)
+
+
+def test_chrf_bounds_and_best_reference() -> None:
+    assert metrics.chrf(["the cat sat"], [["the cat sat"]]) == pytest.approx(100.0)
+    assert metrics.chrf(["a b c d"], [["zzzz", "a b c d"]]) == pytest.approx(100.0)
+    assert metrics.chrf(["qqq"], [["zzz"]]) == 0.0
+    partial = metrics.chrf(["the cat sat on the mat"], [["the cat sat on a mat"]])
+    assert 50.0 < partial < 100.0
+
+
+def test_generation_scores_names_every_metric_and_its_direction() -> None:
+    scores = metrics.generation_scores(["the cat sat down"], [["the cat sat down", "a cat"]])
+    assert scores == pytest.approx({"bleu": 100.0, "chrf": 100.0, "ter": 0.0, "rouge_l": 1.0})
+    assert [metrics.higher_is_better(m) for m in scores] == [True, True, False, True]
+    assert metrics.higher_is_better("ter.shared_only") is False
+
+
 def test_generation_metrics_need_one_reference_list_per_hypothesis() -> None:
     with pytest.raises(ValueError, match="one reference list per hypothesis"):
         metrics.bleu(["a"], [["a"], ["b"]])
     with pytest.raises(ValueError, match=r"references\[0\]"):
         metrics.rouge_l(["a"], [[]])
+    with pytest.raises(ValueError, match="one reference list per hypothesis"):
+        metrics.ter([], [])
 
 
 def test_majority_accuracy() -> None:

@@ -134,6 +134,12 @@ class DataConfig:
     label_column: str | None = None
     max_new_tokens: int = 64
     num_beams: int = 1
+    # Generation tasks (tasks/generation.py): the prompt around the source
+    # (None = the task's default), and text2text's columns.
+    prompt: str | None = None
+    source_column: str | None = None
+    target_column: str | None = None
+    group_column: str | None = None
 
     def __post_init__(self) -> None:
         check(self.alpha > 0, "data.alpha", f"must be > 0, got {self.alpha}")
@@ -150,6 +156,9 @@ class DataConfig:
         check(len(self.text_columns) <= 2, "data.text_columns", "must list at most 2 columns")
         check(self.max_new_tokens > 0, "data.max_new_tokens", "must be > 0")
         check(self.num_beams >= 1, "data.num_beams", "must be >= 1")
+        if self.prompt is not None:
+            check("{source}" in self.prompt, "data.prompt",
+                  f"must contain {{source}} where the source goes, got {self.prompt!r}")
 
 
 @dataclass(frozen=True)

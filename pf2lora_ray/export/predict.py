@@ -1,4 +1,11 @@
-"""Load an export with PEFT and run it on text (``pf2lora predict OUT --text ...``)."""
+"""Load an export with PEFT and run it on text (``pf2lora predict OUT --text ...``).
+
+A classifier's export prints its label; a generation task's export (webnlg,
+text2text) wraps the source in the prompt the run trained with (recorded in
+``pf2lora.json``) and prints the decoded text, with the run's decoding settings
+(:func:`pf2lora_ray.tasks.lm.decode`, the code evaluation uses). A WebNLG
+source may be given as triples (``--triple S P O``), linearised as in training.
+"""
 
 from __future__ import annotations
 
@@ -82,32 +89,67 @@ def _load_base(auto: Any, base: str, kwargs: dict[str, Any], folder: Path) -> nn
 
 
 @torch.no_grad()
-def predict(adapter_dir: str | Path, text: str, max_new_tokens: int = 32) -> str:
+def predict(adapter_dir: str | Path, text: str, max_new_tokens: int | None = None) -> str:
     """Run an export on ``text``: the label and class probabilities, or generated text.
 
     Classification gives ``label  (name p, name p, ...)``; a one-output
-    regression head gives ``score x``; a causal LM gives its greedy
-    continuation of ``text`` (up to ``max_new_tokens`` tokens).
+    regression head gives ``score x``; a causal LM gives its decoded continuation
+    of ``text`` wrapped in the export's prompt (up to ``max_new_tokens`` tokens;
+    default: the run's ``data.max_new_tokens``, or 32 for an export without one).
     """
     return predict_many(adapter_dir, [text], max_new_tokens)[0]
 
 
 @torch.no_grad()
 def predict_many(
-    adapter_dir: str | Path, texts: Sequence[str], max_new_tokens: int = 32
+    adapter_dir: str | Path, texts: Sequence[str], max_new_tokens: int | None = None
 ) -> list[str]:
     """:func:`predict` for several texts, loading the model once."""
     model, tokenizer, info = load_export(adapter_dir)
-    return [_predict_one(model, tokenizer, info, t, max_new_tokens) for t in texts]
-
-
-def _predict_one(model: nn.Module, tokenizer: Any, info: dict, text: str, max_new: int) -> str:
-    enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=info["max_length"])
     if info["task_type"] == "CAUSAL_LM":
-        ids = model.generate(
-            **enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        return _generate(model, tokenizer, info, texts, max_new_tokens)
+    return [_classify(model, tokenizer, info, t) for t in texts]
+
+
+def triples_source(adapter_dir: str | Path, triples: Sequence[Sequence[str]]) -> str:
+    """The source string of a triple set, for an export whose task reads triples.
+
+    Raises:
+        UsageError: the export's task does not read triples (it takes ``--text``).
+    """
+    from pf2lora_ray.tasks.webnlg import linearise
+
+    folder = Path(adapter_dir)
+    info = json.loads((folder / INFO_FILE).read_text()) if (folder / INFO_FILE).is_file() else {}
+    if info.get("source_format") != "triples":
+        raise UsageError(
+            f"--triple: {folder} was trained on data.name={info.get('data')!r}, whose source is "
+            "text, not triples; give it with --text"
         )
-        return tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return linearise([tuple(t) for t in triples])
+
+
+def _generate(
+    model: nn.Module, tokenizer: Any, info: dict, sources: Sequence[str], max_new: int | None
+) -> list[str]:
+    """Decoded texts for ``sources``, each inside the export's prompt, as evaluation decodes."""
+    from pf2lora_ray.tasks.generation import fill
+    from pf2lora_ray.tasks.lm import decode
+
+    prompt = info.get("prompt", "{source}")  # exports from before prompts were recorded
+    limit = info.get("prompt_max_tokens", info["max_length"])
+    prompts = [
+        tokenizer(fill(prompt, s), add_special_tokens=False)["input_ids"][:limit] for s in sources
+    ]
+    new = max_new or info.get("max_new_tokens", 32)
+    device = next(model.parameters()).device
+    return decode(
+        model.generate, prompts, tokenizer, new, info.get("num_beams", 1), len(prompts), device
+    )
+
+
+def _classify(model: nn.Module, tokenizer: Any, info: dict, text: str) -> str:
+    enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=info["max_length"])
     logits = model(**enc).logits[0].float()  # (num_labels,)
     if logits.numel() == 1:
         return f"score {float(logits[0]):.4f}"

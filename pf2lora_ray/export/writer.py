@@ -262,7 +262,7 @@ def export_peft(
         "algorithm": cfg.algorithm.name,
         "model": cfg.model.name,
         "base_model": base_ref,
-        "gguf_file": cfg.model.gguf_file if base_model is None else None,
+        "gguf_file": _gguf_file(cfg) if base_model is None else None,
         "dtype": cfg.model.dtype,
         "task_type": config.task_type,
         "data": cfg.data.name,
@@ -272,6 +272,8 @@ def export_peft(
         "max_length": cfg.data.max_length,
         "rank": rank,
         "folded": "lora_A = [A; C_k], lora_B = [s*B, s~*D_k], lora_alpha = r",
+        # Generation tasks: the prompt and decoding settings predict must reuse.
+        **(task.export_info() if hasattr(task, "export_info") else {}),
     }
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -289,6 +291,13 @@ def export_peft(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _gguf_file(cfg: Config) -> str | None:
+    """The GGUF file the base model was read from (``smollm2`` names its own)."""
+    from pf2lora_ray.models import resolve
+
+    return resolve(cfg.model)[1]
 
 
 def _write(folder: Path, config: Any, tensors: Tensors, info: dict) -> None:

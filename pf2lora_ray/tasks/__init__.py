@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pf2lora_ray.config import Config, ConfigError
-from pf2lora_ray.tasks import glue, synthetic, webnlg  # noqa: F401  (register their names)
+from pf2lora_ray.tasks import glue, synthetic, text2text, webnlg  # noqa: F401  (register names)
 from pf2lora_ray.tasks.base import TASKS, ClientData, Task, register_task
 
 __all__ = ["TASKS", "ClientData", "Task", "register_task", "task_for"]
