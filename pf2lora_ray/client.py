@@ -8,7 +8,11 @@ clients, so the driver receives one message per host, not per client.
 
 Shared state crosses process boundaries as name-keyed float32 numpy arrays
 (zero-copy in Ray's object store); personal state never leaves the host except
-into a checkpoint.
+into a checkpoint or to another host. It lives in a
+:class:`~pf2lora_ray.state_store.StateStore`, which keeps at most
+``runtime.state_memory_mb`` of it in memory and spills the rest to disk; with
+that bound set, a client's data is also built only while it is trained or
+evaluated (:class:`ClientDataCache`), so memory does not grow with the clients.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pf2lora_ray.algorithms.base import RoundContext, Tensors
 from pf2lora_ray.config import Config
 from pf2lora_ray.lora import DEFAULT_TARGETS, init_factors, inject_two_level_lora, lora_layers
 from pf2lora_ray.rank import energy_rank, factored_singular_values, threshold_rank, update_factors
+from pf2lora_ray.state_store import StateStore
 from pf2lora_ray.tasks import task_for
 
 Arrays = dict[str, np.ndarray]
@@ -48,6 +53,9 @@ class TrainResult:
     # Each client's local update in CPU seconds of this process (steadier than wall time
     # on a shared machine; the placement's measure of a client's cost).
     client_s: dict[int, float] = field(default_factory=dict)
+    # Personal state written to / read back from the hosts' spill folders (state_store).
+    spilled_bytes: int = 0
+    read_bytes: int = 0
 
 
 @dataclass
@@ -60,6 +68,11 @@ class EvalResult:
     peak_rss_mb: float = 0.0
     dropped: list[int] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
+    # True when the rows were handed to the driver's callbacks chunk by chunk as they
+    # were scored (runtime.eval_chunk): ``ranks`` is then empty, ``rows`` still whole.
+    streamed: bool = False
+    spilled_bytes: int = 0
+    read_bytes: int = 0
 
 
 def peak_rss_mb() -> float:
@@ -111,8 +124,9 @@ class ClientHost:
         self.task = task_for(cfg)
         self.model = build_adapted_model(cfg, self.task, self.algorithm).to(self.device)
         self.roles = self.algorithm.partition(self.model, self.task.head_names(self.model))
-        self.data = ClientDataCache(self.task, self.client_ids)
-        self.personal: dict[int, Tensors] = {}
+        bound = cfg.runtime.state_memory_mb
+        self.data = ClientDataCache(self.task, self.client_ids, on_demand=bound > 0)
+        self.personal = StateStore(int(bound * 2**20), cfg.runtime.state_dir, str(self.device))
 
     # ------------------------------------------------------------ state
     def initial_shared(self) -> Arrays:
@@ -122,11 +136,13 @@ class ClientHost:
 
     def personal_state(self, client_id: int) -> Tensors:
         """phi_k, created from (seed, client) on first use."""
-        if client_id not in self.personal:
+        state = self.personal.get(client_id)
+        if state is None:
             gen = seeds.torch_generator(self.cfg.seed, seeds.PERSONAL_INIT, client_id)
             fresh = self._fresh(self.roles.personal, gen)
-            self.personal[client_id] = self.algorithm.init_personal(self.model, fresh, client_id)
-        return self.personal[client_id]
+            state = self.algorithm.init_personal(self.model, fresh, client_id)
+            self.personal.put(client_id, state)
+        return state
 
     def _fresh(self, names: list[str], gen: torch.Generator) -> Tensors:
         params = dict(self.model.named_parameters())
@@ -143,7 +159,7 @@ class ClientHost:
     def set_personal(self, states: dict[int, Arrays]) -> None:
         """Restore clients' personal state (from a checkpoint)."""
         for k, arrays in states.items():
-            self.personal[int(k)] = self._to_torch(arrays)
+            self.personal.put(int(k), self._to_torch(arrays))
 
     def take_state(self, client_ids: Sequence[int]) -> dict[int, Arrays]:
         """Hand clients over to another host: their whole personal state, dropped here.
@@ -151,8 +167,11 @@ class ClientHost:
         A client that has no state yet is not in the result; the receiver then
         creates the same initial state from (seed, client).
         """
-        out = {int(k): _to_numpy(self.personal.pop(int(k))) for k in client_ids
-               if int(k) in self.personal}
+        out = {}
+        for k in client_ids:
+            state = self.personal.pop(int(k))
+            if state is not None:
+                out[int(k)] = _to_numpy(state)
         gone = {int(k) for k in client_ids}
         self.client_ids = [k for k in self.client_ids if k not in gone]
         for k in gone:
@@ -176,6 +195,7 @@ class ClientHost:
         result does not depend on how clients are spread over hosts.
         """
         t0 = time.perf_counter()
+        self.data.hold(client_ids)
         theta_t = self._to_torch(theta)
         summed = {k: np.zeros(v.shape, np.float64) for k, v in theta.items()}
         total, rows, seconds = 0.0, [], {}
@@ -185,7 +205,7 @@ class ClientHost:
             local = self.algorithm.local_update(
                 self.task, self.model, dict(theta_t), self.personal_state(k), self.data[k], ctx
             )
-            self.personal[k] = {n: v.detach() for n, v in local.phi.items()}
+            self.personal.put(k, {n: v.detach() for n, v in local.phi.items()})
             weight, x = self.algorithm.contribution(theta_t, local, self.data[k])
             total += weight
             for name, v in x.items():
@@ -195,9 +215,10 @@ class ClientHost:
                 for m, v in sorted(local.metrics.items())
             ]
             seconds[k] = time.process_time() - t_k
+        spilled, read = self.personal.take_counts()
         return TrainResult(
             summed, total, sorted(client_ids), rows, time.perf_counter() - t0, peak_rss_mb(),
-            client_s=seconds,
+            client_s=seconds, spilled_bytes=spilled, read_bytes=read,
         )
 
     @torch.no_grad()
@@ -211,9 +232,11 @@ class ClientHost:
         ``test``. Diagnostics (shared-only metric, norms) are computed per split too.
         """
         t0 = time.perf_counter()
+        ids = self.client_ids if client_ids is None else sorted(client_ids)
+        self.data.hold(ids)
         theta_t = self._to_torch(theta)
         out = EvalResult()
-        for k in self.client_ids if client_ids is None else sorted(client_ids):
+        for k in ids:
             params = self.eval_params(theta_t, round_, k)
             for split in self.data[k].eval_splits():
                 data = self.data[k].for_split(split)
@@ -225,6 +248,7 @@ class ClientHost:
                 ]
             out.ranks += self.ranks(params, k)
         out.compute_s, out.peak_rss_mb = time.perf_counter() - t0, peak_rss_mb()
+        out.spilled_bytes, out.read_bytes = self.personal.take_counts()
         return out
 
     def eval_params(self, theta: Tensors, round_: int, client_id: int) -> dict[str, torch.Tensor]:
@@ -265,19 +289,32 @@ class ClientHost:
 
 
 class ClientDataCache(dict):
-    """Client id -> its data: the first clients' at build, any other client's on first use."""
+    """Client id -> its data, built by the task (read or generated from the seed).
 
-    def __init__(self, task, client_ids: Sequence[int]) -> None:
-        super().__init__(task.client_data(client_ids))
-        self.task = task
+    Held for the whole run (the host's first clients' at build, any other
+    client's on first use), or, ``on_demand``, only for the clients of the
+    current call: :meth:`hold` then drops every other client's data, so memory
+    holds one call's clients' data, not the population's.
+    """
+
+    def __init__(self, task, client_ids: Sequence[int], on_demand: bool = False) -> None:
+        super().__init__({} if on_demand else task.client_data(client_ids))
+        self.task, self.on_demand = task, on_demand
 
     def __missing__(self, client_id: int):
         self[client_id] = self.task.client_data([client_id])[client_id]
         return self[client_id]
 
-    def prefetch(self, client_ids: Sequence[int]) -> None:
-        """Load the data of every client in ``client_ids`` not held yet, in one task call."""
-        missing = [int(k) for k in client_ids if int(k) not in self]
+    def hold(self, client_ids: Sequence[int]) -> None:
+        """Have the data of every client in ``client_ids`` (one task call for those missing).
+
+        On demand, every other client's data is dropped first.
+        """
+        wanted = {int(k) for k in client_ids}
+        if self.on_demand:
+            for k in [k for k in self if k not in wanted]:
+                del self[k]
+        missing = sorted(wanted - self.keys())
         if missing:
             self.update(self.task.client_data(missing))
 

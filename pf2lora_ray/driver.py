@@ -52,6 +52,10 @@ class Callback(Protocol):
 
     def on_end(self, state: DriverState, status: str) -> None: ...
 
+    # Optional: ``on_eval_chunk(state, round, chunk: EvalResult)``, called with each
+    # chunk of an evaluation that visits the clients in several chunks, as it is scored
+    # (the round's report then carries a ``streamed`` result without rank rows).
+
 
 def sample_clients(cfg: Config, round_: int) -> list[int]:
     """``fed.clients_per_round`` distinct clients, drawn from (seed, round) only."""
@@ -64,6 +68,17 @@ def sample_clients(cfg: Config, round_: int) -> list[int]:
 
 def is_eval_round(cfg: Config, round_: int) -> bool:
     return round_ % cfg.fed.eval_every == 0 or round_ == cfg.fed.rounds
+
+
+def _chunk_hook(state: DriverState, round_: int, callbacks: Sequence[Callback]):
+    """The evaluation's ``on_chunk``: each chunk to every callback having ``on_eval_chunk``."""
+    hooks = [cb.on_eval_chunk for cb in callbacks if hasattr(cb, "on_eval_chunk")]
+
+    def on_chunk(chunk: EvalResult) -> None:
+        for hook in hooks:
+            hook(state, round_, chunk)
+
+    return on_chunk
 
 
 def run_rounds(
@@ -96,7 +111,9 @@ def run_rounds(
             clients = algorithm.configure_round(t, sample_clients(cfg, t))
             result = backend.train(state.theta, t, clients)
             state.theta = algorithm.aggregate(state.theta, result.summed, result.weight)
-            evaluation = backend.evaluate(state.theta, t) if is_eval_round(cfg, t) else None
+            evaluation = None
+            if is_eval_round(cfg, t):
+                evaluation = backend.evaluate(state.theta, t, _chunk_hook(state, t, callbacks))
             state.round = t
             report = RoundReport(
                 t,

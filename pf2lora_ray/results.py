@@ -4,7 +4,11 @@
 ``ranks.parquet`` and ``system.parquet`` are Parquet *dataset folders*: after
 every round it appends one part file per table (``metrics.parquet/part-000012.parquet``
 holds round 12's rows), so a round costs the same whatever came before and the
-driver keeps no rows in memory. ``part-000000.parquet`` is an empty part that
+driver keeps no rows in memory. An evaluation that visits the clients in several
+chunks (``runtime.eval_chunk``) writes each chunk's metric and rank rows as soon
+as it is scored (``part-000012-00003.parquet``: round 12, chunk 3), so a crash in
+the middle of an evaluation loses nothing already scored; the round's own part
+then holds its training rows and the across-client aggregates. ``part-000000.parquet`` is an empty part that
 fixes the table's schema. ``pd.read_parquet(run / "metrics.parquet")`` (and
 :mod:`analysis.load`) reads a folder as one table, in round order.
 
@@ -77,6 +81,9 @@ SYSTEM_SCHEMA = pa.schema(
         ("actor_compute_s", pa.list_(pa.float64())),
         ("moved_clients", pa.int64()),
         ("moved_bytes", pa.int64()),
+        # Personal state spilled to / read back from the hosts' disks (runtime.state_memory_mb).
+        ("state_spilled_bytes", pa.int64()),
+        ("state_read_bytes", pa.int64()),
     ]
 )
 SCHEMAS = {"metrics": METRIC_SCHEMA, "ranks": RANK_SCHEMA, "system": SYSTEM_SCHEMA}
@@ -132,9 +139,14 @@ def part_name(round_: int) -> str:
     return f"part-{round_:06d}.parquet"
 
 
+def chunk_part_name(round_: int, chunk: int) -> str:
+    """Chunk ``chunk`` of round ``round_``'s evaluation; sorts before the round's own part."""
+    return f"part-{round_:06d}-{chunk:05d}.parquet"
+
+
 def part_round(path: Path) -> int | None:
-    """The round a part file holds (None for anything else in the folder)."""
-    stem = path.name.removeprefix("part-").removesuffix(".parquet")
+    """The round a part file (or an evaluation chunk's) holds (None for anything else)."""
+    stem = path.name.removeprefix("part-").removesuffix(".parquet").split("-")[0]
     return int(stem) if path.name.startswith("part-") and stem.isdigit() else None
 
 
@@ -209,6 +221,7 @@ class ResultsWriter:
         self.run_id = run_id_for(cfg)
         self.t0 = time.perf_counter()
         self.prior_wall = 0.0
+        self.chunks = 0  # evaluation chunks written in the current round
         if resume_round is not None:
             self._drop_after(resume_round)
 
@@ -234,13 +247,23 @@ class ResultsWriter:
                 write_part([], schema, schema_part)
         self._write_runs("running")
 
+    def on_eval_chunk(self, state: DriverState, round_: int, chunk: EvalResult) -> None:
+        """Write a chunk of the round's evaluation now (its metric and rank rows)."""
+        base = {"run_id": self.run_id, "round": round_}
+        self.chunks += 1
+        part = chunk_part_name(round_, self.chunks)
+        self._append("metrics", [{**base, **row} for row in chunk.rows], part)
+        if chunk.ranks:
+            self._append("ranks", [{**base, **row} for row in chunk.ranks], part)
+
     def on_round_end(self, state: DriverState, report: RoundReport) -> None:
         base = {"run_id": self.run_id, "round": report.round}
-        train_rows = report.train.rows
-        eval_rows = report.eval.rows if report.eval else []
-        metrics = train_rows + eval_rows + aggregate_rows(train_rows) + aggregate_rows(eval_rows)
-        ranks = report.eval.ranks if report.eval else []
+        self.chunks = 0
         evaluated = report.eval or EvalResult()
+        train_rows, eval_rows = report.train.rows, evaluated.rows
+        metrics = train_rows + ([] if evaluated.streamed else eval_rows)
+        metrics += aggregate_rows(train_rows) + aggregate_rows(eval_rows)
+        ranks = evaluated.ranks
         compute = report.train.compute_s + evaluated.compute_s
         system = {
             **base,
@@ -256,6 +279,8 @@ class ResultsWriter:
             # and every actor failure met (recovered or not), in words.
             "dropped_clients": sorted({*report.train.dropped, *evaluated.dropped}),
             "faults": report.train.faults + evaluated.faults,
+            "state_spilled_bytes": report.train.spilled_bytes + evaluated.spilled_bytes,
+            "state_read_bytes": report.train.read_bytes + evaluated.read_bytes,
         }
         stats = state.backend.round_stats()
         system |= {k: stats.get(k) for k in SYSTEM_COLUMNS if k.startswith(("actor_", "moved_"))}

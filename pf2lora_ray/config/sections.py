@@ -228,6 +228,14 @@ class RuntimeConfig:
     cost, preferring its current actor), ``measured`` (the same, costs refined
     by measured seconds; placement then varies between runs, results do not) or
     ``static`` (fixed contiguous blocks). See :mod:`pf2lora_ray.runtime.ray_backend`.
+
+    ``state_memory_mb`` bounds the personal state each client host (actor, or
+    the in-process host) keeps in memory; the least recently used clients'
+    state beyond it is spilled to a folder under ``state_dir`` (default: the
+    system temp folder) and read back when needed, bit for bit
+    (:mod:`pf2lora_ray.state_store`). With a bound, a client's data is also
+    built when it is used instead of held for the whole run, and evaluation
+    visits clients ``eval_chunk`` at a time. 0 = everything in memory.
     """
 
     backend: Literal["ray", "local"] = "ray"
@@ -236,9 +244,14 @@ class RuntimeConfig:
     quiet: bool = False
     threads_per_actor: int = 0
     placement: Literal["balanced", "measured", "static"] = "balanced"
+    state_memory_mb: float = 0.0
+    state_dir: str | None = None
+    eval_chunk: int = 512
 
     def __post_init__(self) -> None:
         check(self.threads_per_actor >= 0, "runtime.threads_per_actor", "must be >= 0")
+        check(self.state_memory_mb >= 0, "runtime.state_memory_mb", "must be >= 0 (0 = no bound)")
+        check(self.eval_chunk > 0, "runtime.eval_chunk", f"must be > 0, got {self.eval_chunk}")
 
 
 @dataclass(frozen=True)

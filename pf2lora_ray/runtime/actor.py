@@ -105,7 +105,6 @@ class ClientActor:
         """
         host = self._intact()
         received = self._take_in(incoming)
-        host.data.prefetch(client_ids)  # one task call for every client new to this actor
         if crash:
             host.train(theta, round_, client_ids[:1])
             os._exit(CRASH_EXIT_CODE)
@@ -116,7 +115,6 @@ class ClientActor:
     ) -> tuple[EvalResult, int]:
         """Take in ``incoming`` clients' state, then evaluate ``client_ids``."""
         received = self._take_in(incoming)
-        self.host.data.prefetch(client_ids)
         return self.host.evaluate(theta, round_, client_ids), received
 
     def _take_in(self, incoming: Sequence[States]) -> int:
@@ -140,14 +138,18 @@ class ClientActor:
     def restore(self, client_ids: Sequence[int], *snapshots: States | None) -> None:
         """Hold exactly ``client_ids``, each from the snapshots (absent: its initial state)."""
         states = merged(snapshots)
-        self.host.personal = {}
+        self.host.personal.clear()
         self.host.put_state({k: states[k] for k in client_ids if k in states})
         self.host.client_ids = sorted(int(k) for k in client_ids)
         self.armed = True
 
     def held(self) -> list[int]:
         """The clients whose personal state this actor holds (for checks)."""
-        return sorted(self.host.personal)
+        return list(self.host.personal)
+
+    def release(self) -> None:
+        """Remove this actor's spill folder (before it is killed, which skips finalizers)."""
+        self.host.personal.close()
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()

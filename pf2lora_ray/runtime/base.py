@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,8 +21,16 @@ class Backend(Protocol):
     def train(self, theta: Arrays, round_: int, client_ids: Sequence[int]) -> TrainResult:
         """Local updates of the sampled clients, combined into one pre-summed result."""
 
-    def evaluate(self, theta: Arrays, round_: int) -> EvalResult:
-        """Every client's personalized model on its test split."""
+    def evaluate(
+        self, theta: Arrays, round_: int, on_chunk: Callable[[EvalResult], None] | None = None
+    ) -> EvalResult:
+        """Every client's personalized model on its test split.
+
+        Clients are visited ``runtime.eval_chunk`` at a time (per actor). When
+        that takes more than one chunk and ``on_chunk`` is given, each chunk's
+        result goes to ``on_chunk`` as soon as it is scored, and the returned
+        result is ``streamed``: its metric rows whole, its rank rows left out.
+        """
 
     def get_personal(self) -> dict[int, Arrays]:
         """Every client's personal state (read only)."""
@@ -90,6 +98,8 @@ def combine(parts: Sequence[TrainResult]) -> TrainResult:
         compute_s=sum(p.compute_s for p in parts),
         peak_rss_mb=sum(p.peak_rss_mb for p in parts),
         client_s={k: s for p in parts for k, s in sorted(p.client_s.items())},
+        spilled_bytes=sum(p.spilled_bytes for p in parts),
+        read_bytes=sum(p.read_bytes for p in parts),
     )
 
 
@@ -101,4 +111,35 @@ def combine_eval(parts: Sequence[EvalResult]) -> EvalResult:
         ranks=sorted((r for p in parts for r in p.ranks), key=key),
         compute_s=sum(p.compute_s for p in parts),
         peak_rss_mb=sum(p.peak_rss_mb for p in parts),
+        dropped=sorted(k for p in parts for k in p.dropped),
+        faults=[f for p in parts for f in p.faults],
+        spilled_bytes=sum(p.spilled_bytes for p in parts),
+        read_bytes=sum(p.read_bytes for p in parts),
     )
+
+
+def stream_chunks(
+    chunks: Sequence[Callable[[], EvalResult]], on_chunk: Callable[[EvalResult], None] | None
+) -> EvalResult:
+    """Score ``chunks`` in turn (each a call returning one chunk's result), streaming them.
+
+    With one chunk, or no ``on_chunk``, the result is the chunks combined. Otherwise
+    every chunk goes to ``on_chunk`` when scored and only its metric rows are kept
+    (a few per client; the rank rows, a dozen per client, are not), so the memory
+    of an evaluation of every client does not grow with their ranks.
+    """
+    if len(chunks) <= 1 or on_chunk is None:
+        return combine_eval([score() for score in chunks])
+    out = EvalResult(streamed=True)
+    for score in chunks:
+        part = score()
+        on_chunk(part)
+        out.rows += part.rows
+        out.compute_s += part.compute_s
+        out.peak_rss_mb = max(out.peak_rss_mb, part.peak_rss_mb)
+        out.dropped += part.dropped
+        out.faults += part.faults
+        out.spilled_bytes += part.spilled_bytes
+        out.read_bytes += part.read_bytes
+    out.dropped.sort()
+    return out

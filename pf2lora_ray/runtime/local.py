@@ -5,13 +5,14 @@ The reference that Ray results must match, and the easiest place to debug.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from pf2lora_ray.client import Arrays, ClientHost, EvalResult, TrainResult, peak_rss_mb, rss_mb
 from pf2lora_ray.config import Config
+from pf2lora_ray.runtime.base import stream_chunks
 
 
 class LocalBackend:
@@ -30,8 +31,15 @@ class LocalBackend:
     def train(self, theta: Arrays, round_: int, client_ids: Sequence[int]) -> TrainResult:
         return self.host.train(theta, round_, client_ids)
 
-    def evaluate(self, theta: Arrays, round_: int) -> EvalResult:
-        return self.host.evaluate(theta, round_)
+    def evaluate(
+        self, theta: Arrays, round_: int, on_chunk: Callable[[EvalResult], None] | None = None
+    ) -> EvalResult:
+        ids, size = self.host.client_ids, self.host.cfg.runtime.eval_chunk
+        chunks = [
+            lambda part=ids[i : i + size]: self.host.evaluate(theta, round_, part)
+            for i in range(0, len(ids), size)
+        ]
+        return stream_chunks(chunks, on_chunk)
 
     def get_personal(self) -> dict[int, Arrays]:
         return self.host.get_personal()
@@ -52,4 +60,4 @@ class LocalBackend:
         return {}
 
     def close(self) -> None:
-        pass
+        self.host.personal.close()

@@ -34,7 +34,7 @@ process after its first client has trained, once per run.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -44,7 +44,7 @@ from pf2lora_ray.client import Arrays, EvalResult, TrainResult, peak_rss_mb, rss
 from pf2lora_ray.config import Config
 from pf2lora_ray.runtime import placement as place
 from pf2lora_ray.runtime.actor import ActorStateLost, ClientActor, actor_options
-from pf2lora_ray.runtime.base import combine, combine_eval
+from pf2lora_ray.runtime.base import combine, combine_eval, stream_chunks
 from pf2lora_ray.runtime.recovery import LOST, RESTART_TIMEOUT_S, Recovery
 from pf2lora_ray.runtime.sizing import actor_slots, requested_actors, start_ray
 
@@ -134,7 +134,7 @@ class RayBackend:
         self.recovery.logged(round_, ref, trained, sum(v.nbytes for v in theta.values()))
         if self.recovery.full:  # bounded memory without checkpoints (recovery module docstring)
             self.snapshot()
-        self._note(parts, plan, replies, train=True)
+        self._note(parts, plan.moved, replies, plan)
         if parts:
             result = combine(list(parts.values()))
         else:  # every sampled client was dropped: a zero update leaves theta as it is
@@ -147,8 +147,14 @@ class RayBackend:
         result.faults = self.recovery.take_faults() + faults
         return result
 
-    def evaluate(self, theta: Arrays, round_: int) -> EvalResult:
-        """Every client, spread evenly over the actors (static: each on its block's actor)."""
+    def evaluate(
+        self, theta: Arrays, round_: int, on_chunk: Callable[[EvalResult], None] | None = None
+    ) -> EvalResult:
+        """Every client, spread evenly over the actors (static: each on its block's actor).
+
+        Each actor scores its clients ``runtime.eval_chunk`` at a time, all
+        actors a chunk at once (:meth:`Backend.evaluate` for ``on_chunk``).
+        """
         ref = ray.put(theta)
         everyone = range(self.cfg.fed.num_clients)
         plan = (
@@ -157,20 +163,29 @@ class RayBackend:
             else place.spread(everyone, self.home, self.num_actors)
         )
         incoming = self._hand_over(plan, f"round {round_} eval")
+        size = self.cfg.runtime.eval_chunk
+        longest = max((len(ks) for ks in plan.clients.values()), default=0)
+        moved = {"clients": plan.moved}  # the hand-over is counted with the first chunk
 
-        def call(i: int, first: bool) -> Any:
-            given = incoming.get(i, []) if first else []
-            return self.actors[i].evaluate.remote(ref, round_, plan.clients[i], *given)
+        def score(start: int) -> EvalResult:
+            chunk = {i: ks[start : start + size] for i, ks in plan.clients.items()}
+            chunk = {i: ks for i, ks in chunk.items() if ks}
 
-        replies, dropped, faults = self.recovery.gather(
-            sorted(plan.clients), call, f"round {round_} eval"
-        )
-        parts = {i: part for i, (part, _) in replies.items()}
-        self._note(parts, plan, replies, train=False)
-        result = combine_eval(list(parts.values()))
-        result.dropped = sorted(k for i in dropped for k in plan.clients[i])
-        result.faults = self.recovery.take_faults() + faults
-        return result
+            def call(i: int, first: bool) -> Any:
+                given = incoming.get(i, []) if first and start == 0 else []
+                return self.actors[i].evaluate.remote(ref, round_, chunk[i], *given)
+
+            what = f"round {round_} eval"
+            replies, dropped, faults = self.recovery.gather(sorted(chunk), call, what)
+            parts = {i: part for i, (part, _) in replies.items()}
+            self._note(parts, moved.pop("clients", 0), replies)
+            result = combine_eval(list(parts.values()))
+            result.dropped = sorted(k for i in dropped for k in chunk[i])
+            result.faults = self.recovery.take_faults() + faults
+            return result
+
+        chunks = [lambda s=s: score(s) for s in range(0, longest, size)]
+        return stream_chunks(chunks, on_chunk)
 
     def round_stats(self) -> dict[str, Any]:
         """The last round's placement.
@@ -256,13 +271,16 @@ class RayBackend:
             self.home.update(dict.fromkeys(ks, dst))
         return incoming
 
-    def _note(self, parts: dict[int, Any], plan: place.Plan, replies: dict, train: bool) -> None:
+    def _note(
+        self, parts: dict[int, Any], moved: int, replies: dict, plan: place.Plan | None = None
+    ) -> None:
+        """Add a call's peak RSS and state moved to the round's stats; ``plan``: a training one."""
         for i, part in parts.items():
             self.actor_rss[i] = max(self.actor_rss[i], part.peak_rss_mb)
-        moved = self.stats.get("moved_clients", 0) + plan.moved
+        moved += self.stats.get("moved_clients", 0)
         moved_bytes = self.stats.get("moved_bytes", 0) + sum(b for _, b in replies.values())
         self.stats |= {"moved_clients": moved, "moved_bytes": moved_bytes}
-        if train:
+        if plan is not None:
             per_actor = range(self.num_actors)
             self.stats["placement"] = [plan.clients.get(i, []) for i in per_actor]
             self.stats["actor_clients"] = [len(plan.clients.get(i, [])) for i in per_actor]
@@ -289,6 +307,9 @@ class RayBackend:
 
     def close(self) -> None:
         """Kill the actors; shut Ray down only if this backend started it."""
+        for ref in [a.release.remote() for a in self.actors]:
+            with contextlib.suppress(*LOST):  # a dead actor's folder went with its process
+                ray.get(ref, timeout=RESTART_TIMEOUT_S)
         for actor in self.actors:
             ray.kill(actor)
         self.actors.clear()
