@@ -141,7 +141,7 @@ class ClientHost:
             gen = seeds.torch_generator(self.cfg.seed, seeds.PERSONAL_INIT, client_id)
             fresh = self._fresh(self.roles.personal, gen)
             state = self.algorithm.init_personal(self.model, fresh, client_id)
-            self.personal.put(client_id, state)
+            self.personal.put(client_id, state, fresh=True)
         return state
 
     def _fresh(self, names: list[str], gen: torch.Generator) -> Tensors:

@@ -22,8 +22,12 @@ Why one safetensors file per client, not a memory map:
 Each spilled file's blake2b digest is kept in memory and checked on every read,
 so a truncated or altered file raises :class:`StateCorrupted` naming the client,
 never hands back wrong numbers. A state read back and not changed since is not
-written again when it is evicted (its file is still current). Tensors round-trip
-bit for bit, so a run with a budget equals the all-in-memory run exactly.
+written again when it is evicted (its file is still current), and a client's
+*fresh* state (its initial state, drawn from (seed, client), not trained yet) is
+never written at all: evicted, it is dropped and drawn again when next needed,
+so evaluating a population costs disk only for the clients that trained.
+Tensors round-trip bit for bit, so a run with a budget equals the
+all-in-memory run exactly.
 
 The folder belongs to the process that made it (nothing else reads it) and is
 removed by :meth:`StateStore.close` or when the store is garbage collected.
@@ -81,6 +85,7 @@ class StateStore:
         self.memory: OrderedDict[int, Tensors] = OrderedDict()  # least recently used first
         self.memory_bytes = 0
         self.clean: set[int] = set()  # in memory and identical to their file on disk
+        self.fresh: set[int] = set()  # in memory, their initial state: dropped, not spilled
         self.on_disk: dict[int, str] = {}  # client -> digest of its file
         self.spilled_bytes = 0
         self.read_bytes = 0
@@ -118,11 +123,17 @@ class StateStore:
         self._evict()
         return state
 
-    def put(self, client_id: int, state: Tensors) -> None:
-        """Set the client's state (replacing any, in memory or on disk)."""
+    def put(self, client_id: int, state: Tensors, fresh: bool = False) -> None:
+        """Set the client's state (replacing any, in memory or on disk).
+
+        ``fresh``: the client's initial state, which its owner can draw again
+        from (seed, client): evicted, it is forgotten instead of written.
+        """
         k = int(client_id)
-        self._forget(k, keep_file=True)  # its file, if any, is rewritten on eviction
+        self._forget(k, keep_file=not fresh)  # a kept file is rewritten on eviction
         self._keep(k, state)
+        if fresh:
+            self.fresh.add(k)
         self._evict()
 
     def pop(self, client_id: int) -> Tensors | None:
@@ -148,6 +159,7 @@ class StateStore:
         self.memory_bytes = 0
         self.on_disk.clear()
         self.clean.clear()
+        self.fresh.clear()
         if self._finalizer is not None:
             self._finalizer()
         self.root = None
@@ -162,6 +174,7 @@ class StateStore:
         if state is not None:
             self.memory_bytes -= nbytes(state)
         self.clean.discard(k)
+        self.fresh.discard(k)
         if not keep_file and self.on_disk.pop(k, None) is not None:
             self._path(k).unlink(missing_ok=True)
 
@@ -172,6 +185,9 @@ class StateStore:
         while self.memory_bytes > self.budget and len(self.memory) > 1:
             k, state = self.memory.popitem(last=False)
             self.memory_bytes -= nbytes(state)
+            if k in self.fresh:  # drawn again from (seed, client) when next needed
+                self.fresh.discard(k)
+                continue
             if k in self.clean:  # its file is still current
                 self.clean.discard(k)
                 continue

@@ -72,6 +72,16 @@ def test_a_state_read_back_unchanged_is_not_written_again(tmp_path):
     assert read > 0 and spilled == 0
 
 
+def test_a_fresh_state_is_dropped_not_written_when_evicted(tmp_path):
+    store = StateStore(budget_bytes=300, folder=tmp_path)
+    for k in range(3):
+        store.put(k, state(k), fresh=True)  # initial states: drawn again when needed
+    assert store.take_counts() == (0, 0) and 0 not in store and 2 in store
+    store.put(5, state(5))
+    store.put(6, state(6))  # 5 was trained: it is written
+    assert store.take_counts()[0] > 0 and 5 in store
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_a_corrupted_spill_file_is_an_error_naming_the_client(tmp_path, damage):
     store = StateStore(budget_bytes=300, folder=tmp_path)

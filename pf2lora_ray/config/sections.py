@@ -81,9 +81,16 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """Synthetic rank-recovery data (PF2LORA.md): y = (W0 + U0V0 + U_kV_k) x + noise."""
+    """Synthetic rank-recovery data (PF2LORA.md): y = (W0 + U0V0 + U_kV_k) x + noise.
+
+    ``layers`` > 1 spreads the map over that many parallel copies of W0 whose
+    outputs are averaged, each adapted: a client's state then has the shape of a
+    transformer's (12 layers at dim 384 is MiniLM's query + value), for scaling
+    benches.
+    """
 
     dim: int = 64
+    layers: int = 1
     common_rank: int = 2
     personal_ranks: tuple[int, ...] = (0, 1, 2)
     noise: float = 0.01
@@ -93,6 +100,7 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         check(self.dim > 0, "synthetic.dim", "must be > 0")
+        check(self.layers > 0, "synthetic.layers", f"must be > 0, got {self.layers}")
         check(self.common_rank >= 0, "synthetic.common_rank", "must be >= 0")
         check(len(self.personal_ranks) > 0, "synthetic.personal_ranks", "must not be empty")
         check(

@@ -4,9 +4,11 @@ Client k observes y = (W0 + dW_k*) x + noise with x ~ N(0, I) and
 dW_k* = U0 V0 (rank r0, common) + U_k V_k (rank q_k, its own), so the true rank
 of client k's update is r0 + q_k. The base model is a single frozen
 ``nn.Linear`` named ``proj`` holding W0; adapters attach to it exactly as they
-attach to a transformer's query/value projections. A client's validation rows
-are ``data.val_fraction`` of its ``synthetic.train_size`` training draws, so the
-test draws do not depend on it.
+attach to a transformer's query/value projections. With ``synthetic.layers``
+L > 1 it is L parallel copies of W0 (``blocks.i.proj``) whose outputs are
+averaged, so that a client's personal state has a transformer's shape. A
+client's validation rows are ``data.val_fraction`` of its ``synthetic.train_size``
+training draws, so the test draws do not depend on it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ class LinearModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, dim) -> (batch, dim)
         return self.proj(x)
+
+
+class ParallelModel(nn.Module):
+    """y = mean_i W0_i x over ``layers`` frozen copies of W0; the adapter targets are ``proj``."""
+
+    def __init__(self, weight: torch.Tensor, layers: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(LinearModel(weight) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, dim) -> (batch, dim)
+        return torch.stack([block(x) for block in self.blocks]).mean(0)
 
 
 @dataclass
@@ -91,8 +104,8 @@ class SyntheticTask:
         return self.common + own
 
     def build_model(self) -> nn.Module:
-        dtype = getattr(torch, self.cfg.model.dtype)
-        return LinearModel(torch.tensor(self.w0, dtype=dtype))
+        weight = torch.tensor(self.w0, dtype=getattr(torch, self.cfg.model.dtype))
+        return LinearModel(weight) if self.s.layers == 1 else ParallelModel(weight, self.s.layers)
 
     def head_names(self, model: nn.Module) -> list[str]:
         return []
