@@ -37,7 +37,7 @@ from pf2lora_ray.config import build_config
 FULL = (1_000, 10_000, 100_000)
 QUICK = (100, 1_000, 3_000)
 CLIENTS_PER_ROUND = 64
-BOUND_MB = 256  # per actor (--quick: 1 MB, as its clients' state is 12 KB, not 72 KB)
+BOUND_MB = 32  # per actor, ~450 MiniLM-sized clients (--quick: 1 MB; its clients hold 12 KB)
 ACTORS = 2
 
 
