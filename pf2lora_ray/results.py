@@ -8,9 +8,10 @@ driver keeps no rows in memory. An evaluation that visits the clients in several
 chunks (``runtime.eval_chunk``) writes each chunk's metric and rank rows as soon
 as it is scored (``part-000012-00003.parquet``: round 12, chunk 3), so a crash in
 the middle of an evaluation loses nothing already scored; the round's own part
-then holds its training rows and the across-client aggregates. ``part-000000.parquet`` is an empty part that
-fixes the table's schema. ``pd.read_parquet(run / "metrics.parquet")`` (and
-:mod:`analysis.load`) reads a folder as one table, in round order.
+then holds its training rows and the across-client aggregates.
+``part-000000.parquet`` is an empty part that fixes the table's schema.
+``pd.read_parquet(run / "metrics.parquet")`` (and :mod:`analysis.load`) reads a
+folder as one table, in round order.
 
 Every file is written atomically (a hidden temp file, which Parquet readers
 skip, renamed into place), so a crashed run leaves a readable folder holding

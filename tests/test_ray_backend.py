@@ -232,3 +232,44 @@ def test_quiet_keeps_rays_start_up_notices_off_the_terminal():
     assert notice.isEnabledFor(logging.WARNING)  # restored afterwards
     with _notices_silenced(quiet=False):
         assert notice.isEnabledFor(logging.WARNING)
+
+
+class StateTraffic:
+    """Callback: evaluation chunks streamed and personal-state bytes spilled, over the run."""
+
+    def __init__(self) -> None:
+        self.chunks, self.spilled, self.read = [], 0, 0
+
+    def on_start(self, state) -> None: ...
+
+    def on_eval_chunk(self, state, round_, chunk) -> None:
+        self.chunks.append((round_, sorted({r["client_id"] for r in chunk.rows})))
+
+    def on_round_end(self, state, report) -> None:
+        for part in (report.train, report.eval):
+            if part is not None:
+                self.spilled += part.spilled_bytes
+                self.read += part.read_bytes
+
+    def on_end(self, state, status) -> None: ...
+
+
+def test_spilled_clients_and_chunked_evaluation_on_ray_match_in_process(reference):
+    """A few KB per actor: clients move between actors from disk; evaluation in chunks of 2."""
+    cfg = short_config(
+        "resources.num_actors=2",
+        "resources.num_cpus_per_actor=0.5",
+        "runtime.state_memory_mb=0.004",
+        "runtime.eval_chunk=2",
+    )
+    traffic = StateTraffic()
+    backend = RayBackend(cfg)
+    try:
+        state = run_rounds(cfg, backend, [traffic])
+    finally:
+        backend.close()
+    assert_same(final_metrics(state), final_metrics(reference))
+    assert state.last.eval.streamed and not state.last.eval.ranks
+    last = [ks for round_, ks in traffic.chunks if round_ == 4]
+    assert len(last) == 3 and sorted(k for ks in last for k in ks) == list(range(10))
+    assert traffic.spilled > 0 and traffic.read > 0

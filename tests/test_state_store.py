@@ -111,8 +111,9 @@ def final_state(cfg) -> dict[int, dict[str, np.ndarray]]:
 
 
 def test_spilled_host_equals_in_memory_host_bit_for_bit():
-    want, _ = final_state(tiny_synthetic("fed.num_clients=8", "fed.clients_per_round=4", "fed.local_steps=3"))
-    got, store = final_state(tiny_synthetic("fed.num_clients=8", "fed.clients_per_round=4", "fed.local_steps=3", BOUND))
+    sets = ("fed.num_clients=8", "fed.clients_per_round=4", "fed.local_steps=3")
+    want, _ = final_state(tiny_synthetic(*sets))
+    got, store = final_state(tiny_synthetic(*sets, BOUND))
     assert store.on_disk  # the bound did spill
     assert want.keys() == got.keys()
     for k in want:
@@ -123,7 +124,8 @@ def test_clients_handed_over_from_disk_train_on_bit_identically():
     """take_state / put_state of spilled clients equal the same moves in memory."""
 
     def moved(*sets):
-        cfg = tiny_synthetic("fed.num_clients=6", "fed.clients_per_round=3", "fed.local_steps=3", *sets)
+        sizes = ("fed.num_clients=6", "fed.clients_per_round=3", "fed.local_steps=3")
+        cfg = tiny_synthetic(*sizes, *sets)
         giver, taker = ClientHost(cfg, range(6)), ClientHost(cfg, [])
         theta = giver.initial_shared()
         giver.train(theta, 1, range(6))
@@ -180,7 +182,7 @@ def test_checkpoint_and_resume_with_spilled_clients_equal_the_run_without_a_cras
     crashed = subprocess.run(
         [sys.executable, "-m", "pf2lora_ray.cli",
          *run_args(out, BOUND, "faults.crash_driver_at_round=3")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=900,
     )
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr
     assert main([*run_args(out, BOUND), "--resume"]) == 0

@@ -16,9 +16,14 @@ the rounds, the driver + actors' peak RSS.
 
 ``population-eval-N`` (the largest size): one evaluation of every client, each
 actor visiting its clients ``runtime.eval_chunk`` at a time with rows streamed to
-a callback that keeps none (as the results writer does): wall seconds, peak RSS
-of the driver + that size's actors after it, bytes spilled and read back, and
-the state left on disk (every client then has state).
+a callback that keeps none (as the results writer does): wall seconds, clients
+scored, peak RSS of the driver + that size's actors, bytes spilled and read
+back, and the state on disk. On a shared machine an evaluation of 100,000
+clients can outlast any budget, so it stops after :data:`EVAL_BUDGET_S` and
+reports how many clients it scored in how long (``complete`` 0 or 1) instead of
+nothing.
+
+Each row is also printed as it is measured, so a bench cut short keeps them.
 """
 
 from __future__ import annotations
@@ -37,8 +42,15 @@ from pf2lora_ray.config import build_config
 FULL = (1_000, 10_000, 100_000)
 QUICK = (100, 1_000, 3_000)
 CLIENTS_PER_ROUND = 64
-BOUND_MB = 32  # per actor, ~450 MiniLM-sized clients (--quick: 1 MB; its clients hold 12 KB)
+# Per actor: ~55 MiniLM-sized clients, under a round's 64, so every round spills
+# (--quick: 1 MB, its clients holding 12 KB each).
+BOUND_MB = 4
 ACTORS = 2
+EVAL_BUDGET_S = 600.0  # --quick: no budget
+
+
+class OutOfTime(Exception):
+    """The evaluation's time budget ran out (raised between chunks)."""
 
 
 def job(num_clients: int, state_dir: Path, quick: bool) -> dict[str, Any]:
@@ -71,7 +83,7 @@ def job(num_clients: int, state_dir: Path, quick: bool) -> dict[str, Any]:
             "threads_per_actor": 1,
             "state_memory_mb": 1 if quick else BOUND_MB,
             "state_dir": str(state_dir),
-            "eval_chunk": 512 if quick else 2048,
+            "eval_chunk": 512,
         },
         "resources": {"num_cpus_per_actor": cores() / (ACTORS * 3), "num_actors": ACTORS},
     }
@@ -85,15 +97,30 @@ def disk_bytes(folder: Path) -> int:
     return total
 
 
-class Counter:
-    """An ``on_chunk`` that keeps nothing but counts, as a results writer keeps nothing."""
+def shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Print ``rows`` now (a bench cut short keeps what it printed); returns them."""
+    for row in rows:
+        print(f"{row['variant']}  {row['metric']} = {row['value']:.6g}", flush=True)
+    return rows
 
-    def __init__(self) -> None:
-        self.chunks = self.rows = 0
+
+class Counter:
+    """An ``on_chunk`` that keeps nothing but counts, as a results writer keeps nothing.
+
+    Raises :class:`OutOfTime` after a chunk once ``budget_s`` seconds have passed.
+    """
+
+    def __init__(self, budget_s: float | None) -> None:
+        self.chunks = self.clients = self.spilled = self.read = 0
+        self.t0, self.budget_s = time.perf_counter(), budget_s
 
     def __call__(self, chunk: EvalResult) -> None:
         self.chunks += 1
-        self.rows += len(chunk.rows) + len(chunk.ranks)
+        self.clients += len({r["client_id"] for r in chunk.rows})
+        self.spilled += chunk.spilled_bytes
+        self.read += chunk.read_bytes
+        if self.budget_s is not None and time.perf_counter() - self.t0 > self.budget_s:
+            raise OutOfTime
 
 
 def run(quick: bool, out: Path) -> list[dict[str, Any]]:
@@ -102,7 +129,7 @@ def run(quick: bool, out: Path) -> list[dict[str, Any]]:
     from pf2lora_ray.driver import sample_clients
     from pf2lora_ray.runtime.ray_backend import RayBackend
 
-    sizes, rounds = (QUICK, 4) if quick else (FULL, 10)
+    sizes, rounds = (QUICK, 4) if quick else (FULL, 7)
     cfgs, backends, thetas = {}, {}, {}
     rows: list[dict[str, Any]] = []
     try:
@@ -129,36 +156,45 @@ def run(quick: bool, out: Path) -> list[dict[str, Any]]:
                     ("read_back_mb_per_round", result.read_bytes / 2**20),
                 ):
                     got[n].setdefault(name, []).append(value)
+            print(f"population: round {t}/{rounds} trained at every size", flush=True)
         skip = 2  # the first rounds also warm up each actor
         for n in sizes:
             values = {k: float(np.median(v[skip:])) for k, v in got[n].items()}
             values["peak_rss_mb"] = backends[n].peak_rss_mb()
             values["driver_peak_rss_mb"] = peak_rss_mb()
-            rows += rows_for(f"population-clients-{n}", values)
-        rows += evaluate_all(backends[sizes[-1]], thetas[sizes[-1]], rounds, out, sizes[-1])
+            rows += shown(rows_for(f"population-clients-{n}", values))
+        budget = None if quick else EVAL_BUDGET_S
+        n = sizes[-1]
+        rows += shown(evaluate_all(backends[n], thetas[n], rounds, out, n, budget))
     finally:
         for backend in backends.values():
             backend.close()
     return rows
 
 
-def evaluate_all(backend, theta, round_: int, out: Path, n: int) -> list[dict[str, Any]]:
+def evaluate_all(
+    backend, theta, round_: int, out: Path, n: int, budget_s: float | None
+) -> list[dict[str, Any]]:
     """One streamed evaluation of every client of ``backend`` (module docstring)."""
-    counter = Counter()
-    t0 = time.perf_counter()
-    result = backend.evaluate(theta, round_, counter)
-    wall = time.perf_counter() - t0
-    scored = len({r["client_id"] for r in result.rows})
+    counter = Counter(budget_s)
+    complete = True
+    try:
+        backend.evaluate(theta, round_, counter)
+    except OutOfTime:
+        complete = False
+    wall = time.perf_counter() - counter.t0
     return rows_for(
         f"population-eval-{n}",
         {
             "eval_s": wall,
-            "clients_scored": float(scored),
+            "complete": float(complete),
+            "clients_scored": float(counter.clients),
+            "clients_per_s": counter.clients / wall,
             "chunks": float(counter.chunks),
             "peak_rss_mb": backend.peak_rss_mb(),
             "driver_peak_rss_mb": peak_rss_mb(),
-            "spilled_mb": result.spilled_bytes / 2**20,
-            "read_back_mb": result.read_bytes / 2**20,
+            "spilled_mb": counter.spilled / 2**20,
+            "read_back_mb": counter.read / 2**20,
             "state_on_disk_mb": disk_bytes(out / "state" / f"clients-{n}") / 2**20,
         },
     )
