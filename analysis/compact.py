@@ -24,6 +24,7 @@ import pandas as pd
 
 from analysis.load import TRIALS_FILE, Results, load_results, load_tune
 from analysis.tables import at_round, trials_last_round
+from pf2lora_ray.storage import Location, location
 
 SEARCH_FILE = "search.parquet"
 PLANNED = "rounds_planned"
@@ -38,22 +39,23 @@ def compact_results(results: Results) -> Results:
     return Results(results.runs, metrics, ranks, results.system.iloc[0:0])
 
 
-def tune_folders(root: Path) -> list[Path]:
+def tune_folders(root: str | Path | Location) -> list[Location]:
     """Every folder under ``root`` (itself included) that holds a Tune ``trials.parquet``."""
-    return sorted(file.parent for file in root.rglob(TRIALS_FILE))
+    return [file.parent for file in location(root).rglob(TRIALS_FILE)]
 
 
-def search_rows(root: Path) -> pd.DataFrame:
+def search_rows(root: str | Path | Location) -> pd.DataFrame:
     """One row per trial of every search under ``root``, at the last round it reported.
 
     Columns: ``search`` (the Tune folder relative to ``root``, e.g. ``tune/sst2/homlora``),
     ``trial_id``, ``round``, ``rounds_planned`` (NaN for tunes that predate it), then the
     reported metrics and ``config/`` values.
     """
+    root = location(root)
     frames = []
     for folder in tune_folders(root):
         last = trials_last_round(load_tune(folder))
-        frames.append(last.assign(search=folder.relative_to(root).as_posix()))
+        frames.append(last.assign(search=root.relative(folder.path)))
     if not frames:
         return pd.DataFrame(columns=["search", "trial_id", "round", PLANNED])
     rows = pd.concat(frames, ignore_index=True)

@@ -4,7 +4,8 @@ A run folder holds ``runs.parquet``, ``metrics.parquet``, ``ranks.parquet`` and
 ``system.parquet`` (see docs/DESIGN.md, "Results directory"). A comparison folder
 holds several runs, either in the same files or one run folder per subfolder
 (searched up to MAX_DEPTH levels down, e.g. OUT/<task>/<method>-s<seed>/).
-A Tune folder holds ``trials.parquet``.
+A Tune folder holds ``trials.parquet``. Any of them may be a local path or a URI
+(``s3://bucket/sst2``), read through :mod:`pf2lora_ray.storage` (``pyarrow.fs``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from pf2lora_ray.storage import Location, location
 
 RUNS_SCHEMA = {
     "run_id": "str",
@@ -95,16 +98,17 @@ def empty_table(name: str) -> pd.DataFrame:
 MAX_DEPTH = 3
 
 
-def has_run_files(folder: Path) -> bool:
+def has_run_files(folder: str | Path | Location) -> bool:
     """Whether ``folder`` directly holds at least one of the run Parquet results.
 
     A result is a Parquet file or a Parquet dataset folder of part files;
     ``pd.read_parquet`` reads both.
     """
+    folder = location(folder)
     return any((folder / f"{name}.parquet").exists() for name in SCHEMAS)
 
 
-def run_folders(path: str | Path) -> list[Path]:
+def run_folders(path: str | Path | Location) -> list[Location]:
     """Return the folders whose run files make up the results under ``path``.
 
     That is ``[path]`` when ``path`` holds run files itself, otherwise every
@@ -115,30 +119,30 @@ def run_folders(path: str | Path) -> list[Path]:
     Raises:
         FileNotFoundError: If ``path`` is not a folder or no run files are found.
     """
-    path = Path(path)
+    path = location(path)
     if not path.is_dir():
         raise FileNotFoundError(f"results path {path} is not a folder")
     if has_run_files(path):
         return [path]
-    folders = sorted(_find_run_folders(path, MAX_DEPTH))
+    folders = sorted(_find_run_folders(path, MAX_DEPTH), key=lambda folder: folder.path)
     if not folders:
         expected = ", ".join(f"{name}.parquet" for name in SCHEMAS)
         raise FileNotFoundError(f"no run files ({expected}) in {path} or its subfolders")
     return folders
 
 
-def _find_run_folders(folder: Path, depth: int) -> list[Path]:
+def _find_run_folders(folder: Location, depth: int) -> list[Location]:
     if depth == 0 or (folder / TRIALS_FILE).exists():
         return []
     found = []
     for sub in folder.iterdir():
-        if not sub.is_dir() or sub.name.startswith(".") or sub.suffix == ".parquet":
+        if sub.name.startswith(".") or sub.name.endswith(".parquet") or not sub.is_dir():
             continue
         found += [sub] if has_run_files(sub) else _find_run_folders(sub, depth - 1)
     return found
 
 
-def load_results(path: str | Path) -> Results:
+def load_results(path: str | Path | Location) -> Results:
     """Load a run folder or a comparison folder.
 
     Files at the top of ``path`` are read when present; otherwise the files of
@@ -159,7 +163,7 @@ def load_results(path: str | Path) -> Results:
     return Results(**tables)
 
 
-def load_tune(path: str | Path) -> pd.DataFrame:
+def load_tune(path: str | Path | Location) -> pd.DataFrame:
     """Load ``trials.parquet`` from a Tune folder.
 
     Args:
@@ -171,17 +175,17 @@ def load_tune(path: str | Path) -> pd.DataFrame:
     Raises:
         FileNotFoundError: If there is no trials file.
     """
-    path = Path(path)
+    path = location(path)
     file = path / TRIALS_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no {TRIALS_FILE} at {path}")
-    trials = pd.read_parquet(file)
+    trials = file.read_parquet()
     return trials.sort_values(["trial_id", "round"], ignore_index=True)
 
 
-def _read_table(folders: list[Path], name: str) -> pd.DataFrame:
+def _read_table(folders: list[Location], name: str) -> pd.DataFrame:
     files = [folder / f"{name}.parquet" for folder in folders]
-    frames = [pd.read_parquet(file) for file in files if file.exists()]
+    frames = [file.read_parquet() for file in files if file.exists()]
     frames = [frame for frame in frames if not frame.empty]
     if not frames:
         return empty_table(name)

@@ -8,9 +8,7 @@ half-written report.
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +39,7 @@ from analysis.tables import (
     to_markdown,
     trials_last_round,
 )
+from pf2lora_ray.storage import Location, location
 
 MAIN_METRICS = ("accuracy", "mcc", "pearson", "bleu", "mse", "loss")
 REPORT_FILE = "report.md"
@@ -71,7 +70,7 @@ def main_tune_metric(trials: pd.DataFrame) -> str | None:
     return None
 
 
-def write_report(path: str | Path) -> list[Path]:
+def write_report(path: str | Path | Location) -> list[Location]:
     """Write ``report.md`` and PNG figures into a results folder.
 
     A folder holding ``trials.parquet`` gets a Tune report (best trial, trials
@@ -85,7 +84,7 @@ def write_report(path: str | Path) -> list[Path]:
     level) and ``seeds_bars.png``.
 
     Args:
-        path: The results folder; files are written into it.
+        path: The results folder (a local path or a URI); files are written into it.
 
     Returns:
         The written files, figures first and ``report.md`` last.
@@ -93,7 +92,7 @@ def write_report(path: str | Path) -> list[Path]:
     Raises:
         FileNotFoundError: If the folder holds neither a trials file nor run files.
     """
-    folder = Path(path)
+    folder = location(path)
     if (folder / TRIALS_FILE).is_file():
         return _write_tune_report(folder)
     if folder.is_dir() and (has_run_files(folder) or _holds_runs(folder)):
@@ -103,17 +102,17 @@ def write_report(path: str | Path) -> list[Path]:
     )
 
 
-def _holds_runs(folder: Path) -> bool:
+def _holds_runs(folder: Location) -> bool:
     try:
         return bool(run_folders(folder))
     except FileNotFoundError:
         return False
 
 
-def _write_run_report(folder: Path) -> list[Path]:
+def _write_run_report(folder: Location) -> list[Location]:
     results = load_results(folder)
     metric = main_metric(results.metrics)
-    written: list[Path] = []
+    written: list[Location] = []
     lines = [f"# Report: {folder.name}", ""]
     if metric is None:
         lines += [f"No test metric among {list(MAIN_METRICS)} was logged.", ""]
@@ -162,7 +161,7 @@ def _metric_sections(results: Results, metric: str) -> list[str]:
     return lines
 
 
-def _seed_sections(results: Results, folder: Path, lines: list[str]) -> list[Path]:
+def _seed_sections(results: Results, folder: Location, lines: list[str]) -> list[Location]:
     if not has_seed_replicates(results):
         return []
     study_lines, summary = study_markdown(results)
@@ -194,10 +193,10 @@ def _evaluation_section(results: Results, metric: str) -> list[str]:
     ]
 
 
-def _search_section(folder: Path) -> list[str]:
+def _search_section(folder: Location) -> list[str]:
     """How each method was searched: the Tune folders under ``folder``, or a compact copy."""
     file = folder / SEARCH_FILE
-    rows = pd.read_parquet(file) if file.is_file() else search_rows(folder)
+    rows = file.read_parquet() if file.is_file() else search_rows(folder)
     if rows.empty:
         return []
     return [
@@ -211,7 +210,7 @@ def _search_section(folder: Path) -> list[str]:
     ]
 
 
-def _sweep_sections(results: Results, folder: Path, lines: list[str]) -> list[Path]:
+def _sweep_sections(results: Results, folder: Location, lines: list[str]) -> list[Location]:
     """A sweep over exactly two config keys: grids and heatmaps of the metric and the gain."""
     keys = varying_keys(results.runs)
     if len(keys) != 2:
@@ -225,7 +224,9 @@ def _sweep_sections(results: Results, folder: Path, lines: list[str]) -> list[Pa
     return [path]
 
 
-def _metric_figure(results: Results, metric: str, folder: Path, lines: list[str]) -> list[Path]:
+def _metric_figure(
+    results: Results, metric: str, folder: Location, lines: list[str]
+) -> list[Location]:
     is_mean_row = results.metrics["client_id"].isna() & (
         results.metrics["metric"] == f"{metric}.mean"
     )
@@ -237,7 +238,7 @@ def _metric_figure(results: Results, metric: str, folder: Path, lines: list[str]
     return [path]
 
 
-def _rank_figures(ranks: pd.DataFrame, folder: Path, lines: list[str]) -> list[Path]:
+def _rank_figures(ranks: pd.DataFrame, folder: Location, lines: list[str]) -> list[Location]:
     run_ids = sorted(ranks["run_id"].unique())
     written = []
     for run_id in run_ids:
@@ -248,11 +249,11 @@ def _rank_figures(ranks: pd.DataFrame, folder: Path, lines: list[str]) -> list[P
     return written
 
 
-def _write_tune_report(folder: Path) -> list[Path]:
+def _write_tune_report(folder: Location) -> list[Location]:
     trials = load_tune(folder)
     metric = main_tune_metric(trials)
     last = trials_last_round(trials)
-    written: list[Path] = []
+    written: list[Location] = []
     lines = [f"# Tune report: {folder.name}", ""]
     lines += [to_markdown(search_summary(search_rows(folder).assign(search=folder.name)))]
     if metric is not None:
@@ -273,22 +274,14 @@ def _write_tune_report(folder: Path) -> list[Path]:
     return written
 
 
-def _save_figure(figure: Figure, path: Path) -> Path:
+def _save_figure(figure: Figure, path: Location) -> Location:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     return _write_atomic(path, buffer.getvalue())
 
 
-def _write_atomic(target: Path, data: bytes) -> Path:
-    descriptor, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-        os.chmod(temp, 0o644)  # mkstemp creates 0600; reports are meant to be read by others
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+def _write_atomic(target: Location, data: bytes) -> Location:
+    target.write_bytes(data)  # temp file + rename locally, one whole PUT on object stores
     return target
 
 

@@ -7,17 +7,19 @@ Layout under ``<run>/checkpoints/``::
     round_000010/meta.json              round, run id, config hash, seed
     latest.json                         {"round": 10, "dir": "round_000010"}
 
-A checkpoint directory is first written under a temporary name and renamed into
-place, and ``latest.json`` is replaced last, so a crash at any point leaves the
-previous checkpoint intact. All random draws derive from (seed, round, client),
-so the seed and round number are the whole RNG state.
+``run`` may be a local folder or a URI (:mod:`pf2lora_ray.storage`). Locally a
+checkpoint directory is first written under a temporary name and renamed into
+place; on an object store (no rename) its files are PUT whole under their
+final names. Either way ``latest.json`` is replaced last and is the only thing
+a reader follows, so a crash at any point leaves the previous checkpoint intact.
+All random draws derive from (seed, round, client), so the seed and round
+number are the whole RNG state.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ from safetensors.numpy import load_file, save_file
 from pf2lora_ray.client import Arrays
 from pf2lora_ray.config import Config, config_hash
 from pf2lora_ray.driver import DriverState, RoundReport
-from pf2lora_ray.results import write_text
+from pf2lora_ray.storage import Location, StorageError, location
 
 KEEP = 2  # checkpoints kept on disk
 
@@ -37,23 +39,30 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(
-    run_dir: Path, cfg: Config, round_: int, theta: Arrays, personal: dict[int, Arrays]
-) -> Path:
+    run_dir: str | Path | Location,
+    cfg: Config,
+    round_: int,
+    theta: Arrays,
+    personal: dict[int, Arrays],
+) -> Location:
     """Write round ``round_``'s checkpoint and point latest.json at it."""
-    root = Path(run_dir) / "checkpoints"
+    root = location(run_dir) / "checkpoints"
     name = f"round_{round_:06d}"
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in theta.items()}, str(tmp / "shared.safetensors")
+    final = root / name
+    # Locally: build under a hidden name, rename into place. Object stores have
+    # no rename; latest.json, written last, is what makes the checkpoint count.
+    staging = root / f".{name}.tmp" if root.is_local else final
+    if root.is_local:
+        staging.delete()
+    (staging / "shared.safetensors").write_with(
+        lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in theta.items()}, str(tmp))
     )
     flat = {
         f"{k}/{n}": np.ascontiguousarray(v)
         for k, arrs in sorted(personal.items())
         for n, v in arrs.items()
     }
-    save_file(flat, str(tmp / "personal.safetensors"))
+    (staging / "personal.safetensors").write_with(lambda tmp: save_file(flat, str(tmp)))
     meta = {
         "round": round_,
         "config_hash": config_hash(cfg),
@@ -61,26 +70,45 @@ def save_checkpoint(
         "algorithm": cfg.algorithm.name,
         "clients": sorted(int(k) for k in personal),
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_text(json.dumps({"round": round_, "dir": name}), root / "latest.json")
-    for old in sorted(p for p in root.glob("round_*") if p.is_dir())[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+    if root.is_local:
+        final.delete()
+        os.replace(staging.path, final.path)
+    (root / "latest.json").write_text(json.dumps({"round": round_, "dir": name}))
+    for old in root.glob("round_")[:-KEEP]:
+        old.delete()
     return final
 
 
-def load_checkpoint(run_dir: Path, cfg: Config) -> tuple[int, Arrays, dict[int, Arrays]]:
-    """(round, theta, personal) of the latest checkpoint, checked against ``cfg``."""
-    root = Path(run_dir) / "checkpoints"
+def _load_arrays(file: Location) -> dict[str, np.ndarray]:
+    with file.local_file() as path:
+        return load_file(str(path))
+
+
+def has_checkpoint(run_dir: str | Path | Location) -> bool:
+    """Whether ``run_dir`` holds a checkpoint pointer (checkpoints/latest.json)."""
+    return (location(run_dir) / "checkpoints" / "latest.json").is_file()
+
+
+def load_checkpoint(
+    run_dir: str | Path | Location, cfg: Config
+) -> tuple[int, Arrays, dict[int, Arrays]]:
+    """(round, theta, personal) of the latest checkpoint, checked against ``cfg``.
+
+    Raises:
+        CheckpointError: missing, damaged, or written by another config (one line).
+        StorageError: the store cannot be reached.
+    """
+    run = location(run_dir)
+    root = run / "checkpoints"
     try:
         latest = json.loads((root / "latest.json").read_text())
-        ckpt = root / latest["dir"]
+        ckpt = root / str(latest["dir"])
         meta = json.loads((ckpt / "meta.json").read_text())
+        round_ = int(meta["round"])
     except FileNotFoundError as err:
-        raise CheckpointError(f"{run_dir}: no checkpoint to resume from ({err.filename})") from err
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{run}: no checkpoint to resume from ({err.filename})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{root}: checkpoint metadata is malformed: {err}") from err
     if meta.get("config_hash") != config_hash(cfg):
         raise CheckpointError(
@@ -89,18 +117,24 @@ def load_checkpoint(run_dir: Path, cfg: Config) -> tuple[int, Arrays, dict[int, 
             "resume with the run's own config.yaml"
         )
     try:
-        theta = load_file(str(ckpt / "shared.safetensors"))
-        flat = load_file(str(ckpt / "personal.safetensors"))
+        theta = _load_arrays(ckpt / "shared.safetensors")
+        flat = _load_arrays(ckpt / "personal.safetensors")
+    except StorageError:
+        raise
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{ckpt}: checkpoint file is truncated or unreadable: {err}") from err
     personal: dict[int, Arrays] = {}
     for key, value in flat.items():
-        client, name = key.split("/", 1)
+        client, sep, name = key.partition("/")
+        if not sep or not client.isdigit():
+            raise CheckpointError(
+                f"{ckpt / 'personal.safetensors'}: key {key!r} is not '<client>/<parameter>'"
+            )
         personal.setdefault(int(client), {})[name] = value
-    return int(meta["round"]), theta, personal
+    return round_, theta, personal
 
 
-def restore_latest(run_dir: Path, cfg: Config, backend) -> tuple[Arrays, int]:
+def restore_latest(run_dir: str | Path | Location, cfg: Config, backend) -> tuple[Arrays, int]:
     """Load the latest checkpoint into ``backend``; returns (theta, round)."""
     round_, theta, personal = load_checkpoint(run_dir, cfg)
     backend.set_personal(personal)
@@ -110,8 +144,8 @@ def restore_latest(run_dir: Path, cfg: Config, backend) -> tuple[Arrays, int]:
 class CheckpointWriter:
     """Driver callback: checkpoint every ``checkpoint.every`` rounds and after the last."""
 
-    def __init__(self, run_dir: str | Path, cfg: Config) -> None:
-        self.run_dir, self.cfg = Path(run_dir), cfg
+    def __init__(self, run_dir: str | Path | Location, cfg: Config) -> None:
+        self.run_dir, self.cfg = location(run_dir), cfg
 
     def on_start(self, state: DriverState) -> None:
         pass

@@ -12,7 +12,11 @@ naming what is wrong and exits with status 2, without a traceback. ``run`` and
 ``tune`` check the whole job first (every sweep variant, registry names, the data
 and their partition; :mod:`pf2lora_ray.validate`), so such an error leaves no
 ``--out`` folder; one that still comes back from a Ray actor is unwrapped to
-the same line.
+the same line. Every folder argument (``--out``, ``report DIR``, ``export DIR``,
+``--to``) may be a local path or an ``s3://`` / ``gs://`` / ``file://`` URI
+(:mod:`pf2lora_ray.storage`); one that cannot be reached, a missing bucket or a
+file where a folder is expected is such a line too, before any actor starts.
+A Ray ``--address`` where nothing answers fails within seconds the same way.
 """
 
 from __future__ import annotations
@@ -49,13 +53,18 @@ def _load(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     """One run, or one per ``sweep:`` variant and ``seeds:`` entry (OUT/<folder>/)."""
     from pf2lora_ray.config import read_yaml
-    from pf2lora_ray.experiment import run_experiment
-    from pf2lora_ray.validate import validate_job
+    from pf2lora_ray.experiment import holds_run, preflight, run_experiment
+    from pf2lora_ray.validate import UsageError, validate_job
 
-    out = Path(args.out) if args.out else Path("results") / Path(args.config).stem
-    # Check every run (config, names, data, partition) before the first one
-    # starts, so bad input writes nothing.
+    # Check every run (config, names, data, partition), where results go and the
+    # Ray address before the first run starts, so bad input writes nothing.
     runs = validate_job(read_yaml(args.config), args.set or [], _extra(args))
+    out = preflight(runs[0][1], args.out or Path("results") / Path(args.config).stem)
+    if args.resume and not any(holds_run(out / v.folder if v.folder else out) for v, *_ in runs):
+        raise UsageError(
+            f"--resume: {out} holds no run of this job to resume (no runs.parquet there); "
+            "drop --resume to start it"
+        )
     for variant, cfg, data in runs:
         folder = out / variant.folder if variant.folder else out
         run_experiment(cfg, folder, args.resume, variant=variant.label, data_check=data)
@@ -67,7 +76,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from pf2lora_ray.tune import run_tune
 
     cfg = _load(args)
-    out = Path(args.out) if args.out else Path("results") / f"{Path(args.config).stem}-tune"
+    out = args.out or str(Path("results") / f"{Path(args.config).stem}-tune")
     run_tune(cfg, args.space, out, samples=args.samples, resume=args.resume)
     print(f"tune results in {out}")
     return 0
@@ -75,9 +84,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
+    from pf2lora_ray.storage import location
     from pf2lora_ray.validate import UsageError
 
-    if not Path(args.dir).is_dir():
+    folder = location(args.dir)
+    if not folder.is_dir():
         raise UsageError(f"{args.dir}: no such results folder")
     if args.compact:
         from analysis.compact import write_compact
@@ -87,7 +98,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         for path in write_compact(args.dir, args.compact):
             print(path)
         return 0
-    for path in write_report(args.dir):
+    for path in write_report(folder):
         print(path)
     return 0
 

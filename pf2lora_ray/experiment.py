@@ -9,17 +9,18 @@ Used by ``pf2lora run`` and by Tune trials; importable for notebooks::
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pf2lora_ray.config import Config, ConfigError
 from pf2lora_ray.driver import Callback, DriverState, RoundReport, run_rounds
 from pf2lora_ray.results import RESULT_FILES, ResultsWriter
+from pf2lora_ray.runtime.address import check_address
 from pf2lora_ray.runtime.base import Backend
+from pf2lora_ray.storage import Location, check_folder, location
 from pf2lora_ray.validate import UsageError, unwrap, validate_run
 
-__all__ = ["BACKENDS", "UsageError", "check_out_dir", "run_experiment"]
+__all__ = ["BACKENDS", "UsageError", "check_out_dir", "holds_run", "preflight", "run_experiment"]
 
 
 def _local(cfg: Config) -> Backend:
@@ -66,35 +67,55 @@ class Progress:
             self.bar.close()
 
 
-def check_out_dir(out: Path, resume: bool) -> None:
+def holds_run(out: str | Path | Location) -> bool:
+    """Whether ``out`` holds any of a run's result files."""
+    out = location(out)
+    return any((out / f).exists() for f in RESULT_FILES)
+
+
+def preflight(cfg: Config, out: str | Path | Location, what: str = "--out") -> Location:
+    """Checks that write nothing and start no actor: ``out`` can be a folder (local
+    path, or a reachable bucket) and the Ray address, if any, answers.
+
+    Raises:
+        StorageError, UsageError: one line naming the location or the address.
+    """
+    out = location(out)
+    check_folder(out, what)
+    if cfg.runtime.backend == "ray":
+        check_address(cfg.runtime.address)
+    return out
+
+
+def check_out_dir(out: str | Path | Location, resume: bool) -> None:
     """Refuse to write a new run over an existing one (nothing is overwritten)."""
+    out = location(out)
+    check_folder(out, "--out")
     used = [f for f in RESULT_FILES if (out / f).exists()]
     if used and not resume:
         raise UsageError(
             f"--out {out} already holds a run ({', '.join(used)}); pass --resume to continue it "
             "or choose a new folder"
         )
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
+    probe = out / ".write-test"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        out.mkdir()
         probe.write_text("")
-        probe.unlink()
+        probe.delete()
     except OSError as err:
         raise UsageError(f"--out {out} cannot be written: {err.strerror or err}") from err
 
 
 def run_experiment(
     cfg: Config,
-    out: str | Path,
+    out: str | Path | Location,
     resume: bool = False,
     extra_callbacks: Sequence[Callback] = (),
     variant: str = "",
     validate: bool = True,
     data_check: dict[str, float] | None = None,
 ) -> DriverState:
-    """Run ``cfg`` writing results to ``out``; returns the final driver state.
+    """Run ``cfg`` writing results to ``out`` (a local folder or a URI); returns the final state.
 
     ``variant`` labels the run in a sweep (runs.parquet ``variant`` column).
     The run is checked first (:func:`pf2lora_ray.validate.validate_run`: registry
@@ -103,21 +124,22 @@ def run_experiment(
     If bad input still stops the run before its first round (an error raised in
     an actor), a folder this call created is removed again.
     """
-    out = Path(out)
     if data_check is None:
         data_check = validate_run(cfg) if validate else {}
     if cfg.runtime.backend not in BACKENDS:
         raise ConfigError(f"runtime.backend: unknown backend {cfg.runtime.backend!r}")
+    out = preflight(cfg, out)
     created = not out.exists()
     check_out_dir(out, resume)
-    # Resuming a run that never started (e.g. a later sweep member) starts it fresh.
-    resume = resume and any((out / f).exists() for f in RESULT_FILES)
+    # Resuming a run that never started (e.g. a later sweep member) starts it fresh;
+    # `pf2lora run --resume` refuses a folder where no member started (cli.cmd_run).
+    resume = resume and holds_run(out)
     rounds = _RoundsDone()
     try:
         return _run(cfg, out, resume, [rounds, *extra_callbacks], variant, data_check)
     except Exception as err:
         if created and not rounds.done and unwrap(err) is not None:
-            shutil.rmtree(out, ignore_errors=True)
+            out.delete()
         raise
 
 
@@ -137,7 +159,7 @@ class _RoundsDone:
 
 def _run(
     cfg: Config,
-    out: Path,
+    out: Location,
     resume: bool,
     extra_callbacks: list[Callback],
     variant: str,
@@ -161,7 +183,7 @@ def _run(
         backend.close()
 
 
-def _checkpoint_callbacks(cfg: Config, out: Path) -> list[Callback]:
+def _checkpoint_callbacks(cfg: Config, out: Location) -> list[Callback]:
     from pf2lora_ray.checkpoint import CheckpointWriter
     from pf2lora_ray.faults import DriverCrash
 

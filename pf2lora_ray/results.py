@@ -13,17 +13,19 @@ then holds its training rows and the across-client aggregates.
 ``pd.read_parquet(run / "metrics.parquet")`` (and :mod:`analysis.load`) reads a
 folder as one table, in round order.
 
-Every file is written atomically (a hidden temp file, which Parquet readers
-skip, renamed into place), so a crashed run leaves a readable folder holding
-every completed round and no half-written file. ``runs.parquet`` (one row) is a
-plain file, rewritten after every round.
+The folder may be a local path or a URI (``s3://bucket/run``); every file goes
+through :mod:`pf2lora_ray.storage`. Every file is written atomically (locally a
+hidden temp file, which Parquet readers skip, renamed into place; on an object
+store one PUT of the complete object under its final name), so a crashed run
+leaves a readable folder holding every completed round and no half-written
+file. ``runs.parquet`` (one row) is a plain file, rewritten after every round.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from pf2lora_ray.client import EvalResult
 from pf2lora_ray.config import Config, config_hash, flatten, to_dict
 from pf2lora_ray.driver import DriverState, RoundReport
 from pf2lora_ray.metrics import higher_is_better, summarize
+from pf2lora_ray.storage import Location, location
 
 # Column -> Arrow type of each per-round table; every part file of a table has this schema.
 METRIC_SCHEMA = pa.schema(
@@ -100,30 +103,32 @@ def run_id_for(cfg: Config) -> str:
     return f"{cfg.algorithm.name}-s{cfg.seed}-{config_hash(cfg)[:8]}"
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def atomic_write(path: str | Path | Location, write: Any) -> None:
+    """Call ``write(tmp_path)`` on a local temp file, then make it ``path`` atomically."""
+    location(path).write_with(write)
 
 
-def write_parquet(df: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+def parquet_bytes(table: pa.Table | pd.DataFrame) -> bytes:
+    """A table (or a DataFrame, without its index) as the bytes of one Parquet file."""
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
 
 
-def write_part(rows: list[dict], schema: pa.Schema, path: Path) -> None:
+def write_parquet(df: pd.DataFrame, path: str | Path | Location) -> None:
+    location(path).write_bytes(parquet_bytes(df))
+
+
+def write_part(rows: list[dict], schema: pa.Schema, path: str | Path | Location) -> None:
     """Write ``rows`` as one part file of a table with ``schema`` (atomically).
 
     Raises:
         ValueError: a row has a column the schema does not know (it would be
             silently dropped by readers of the dataset folder).
     """
+    path = location(path)
     unknown = sorted({k for row in rows for k in row} - set(schema.names))
     if unknown:
         raise ValueError(
@@ -132,8 +137,7 @@ def write_part(rows: list[dict], schema: pa.Schema, path: Path) -> None:
         )
     df = pd.DataFrame(rows, columns=schema.names)
     df = df.astype({c: "Int64" for c in schema.names if c in _NULLABLE_INT})
-    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    path.write_bytes(parquet_bytes(pa.Table.from_pandas(df, schema=schema, preserve_index=False)))
 
 
 def part_name(round_: int) -> str:
@@ -145,14 +149,14 @@ def chunk_part_name(round_: int, chunk: int) -> str:
     return f"part-{round_:06d}-{chunk:05d}.parquet"
 
 
-def part_round(path: Path) -> int | None:
+def part_round(path: Path | Location) -> int | None:
     """The round a part file (or an evaluation chunk's) holds (None for anything else)."""
     stem = path.name.removeprefix("part-").removesuffix(".parquet").split("-")[0]
     return int(stem) if path.name.startswith("part-") and stem.isdigit() else None
 
 
-def write_text(text: str, path: Path) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+def write_text(text: str, path: str | Path | Location) -> None:
+    location(path).write_text(text)
 
 
 def aggregate_rows(rows: list[dict]) -> list[dict]:
@@ -178,8 +182,9 @@ def aggregate_rows(rows: list[dict]) -> list[dict]:
 def _to_folder(path: Path, schema: pa.Schema) -> None:
     """Turn a single-file table (older versions wrote those) into a part folder, in place.
 
-    The folder is built under a hidden name and swapped in, so a crash leaves
-    either the file or the folder (the file under a hidden ``.old`` name at worst).
+    Only local folders hold such files (they predate URIs). The folder is built
+    under a hidden name and swapped in, so a crash leaves either the file or the
+    folder (the file under a hidden ``.old`` name at worst).
     """
     rows = pd.read_parquet(path)
     rows = rows.astype(object).where(rows.notna(), None).to_dict("records")
@@ -200,7 +205,7 @@ class ResultsWriter:
     """Driver callback writing config.yaml, runs.parquet and the per-round tables into ``out``.
 
     Args:
-        out: the run folder.
+        out: the run folder: a local path or a URI (:func:`pf2lora_ray.storage.location`).
         cfg: the resolved config (written as config.yaml).
         resume_round: when resuming, the part files of later rounds (written
             after the checkpoint) are deleted so no round appears twice.
@@ -210,13 +215,13 @@ class ResultsWriter:
 
     def __init__(
         self,
-        out: str | Path,
+        out: str | Path | Location,
         cfg: Config,
         resume_round: int | None = None,
         variant: str = "",
         data_check: dict[str, float] | None = None,
     ) -> None:
-        self.out, self.cfg = Path(out), cfg
+        self.out, self.cfg = location(out), cfg
         self.variant = variant or cfg.algorithm.name
         self.data_check = {f"data_check.{k}": float(v) for k, v in (data_check or {}).items()}
         self.run_id = run_id_for(cfg)
@@ -229,18 +234,18 @@ class ResultsWriter:
     def _drop_after(self, upto: int) -> None:
         for name, schema in SCHEMAS.items():
             folder = self.out / f"{name}.parquet"
-            if folder.is_file():
-                _to_folder(folder, schema)
-            for part in folder.glob("part-*.parquet") if folder.is_dir() else []:
+            if folder.is_local and folder.local.is_file():
+                _to_folder(folder.local, schema)
+            for part in folder.glob("part-", ".parquet"):
                 if (part_round(part) or 0) > upto:
-                    part.unlink()
+                    part.delete()
         runs = self.out / "runs.parquet"
         if runs.exists():
-            self.prior_wall = float(pd.read_parquet(runs)["wall_s"].iloc[0])
+            self.prior_wall = float(runs.read_parquet()["wall_s"].iloc[0])
 
     # -------------------------------------------------------- callback hooks
     def on_start(self, state: DriverState) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out.mkdir()
         write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.out / "config.yaml")
         for name, schema in SCHEMAS.items():
             schema_part = self.out / f"{name}.parquet" / part_name(0)

@@ -42,9 +42,10 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
     # validating a config alone does not need.
     from pf2lora_ray.checkpoint import CheckpointError
     from pf2lora_ray.data.partition import PartitionError
+    from pf2lora_ray.storage import StorageError
     from pf2lora_ray.tasks.base import DataError
 
-    return (ConfigError, PartitionError, UsageError, DataError, CheckpointError)
+    return (ConfigError, PartitionError, UsageError, DataError, CheckpointError, StorageError)
 
 
 def check_names(cfg: Config) -> None:
@@ -145,7 +146,8 @@ def validate_job(
 # its message, which ends with the remote traceback's last line
 # "<module>.<ErrorName>: <message>".
 _REMOTE = re.compile(
-    r"^(?:[\w.]+\.)?(ConfigError|DataError|PartitionError|CheckpointError|UsageError): (.+)$",
+    r"^(?:[\w.]+\.)?"
+    r"(ConfigError|DataError|PartitionError|CheckpointError|UsageError|StorageError): (.+)$",
     re.MULTILINE,
 )
 

@@ -26,3 +26,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One S3-protocol server on 127.0.0.1 for the session, its AWS_* variables in os.environ."""
+    from pf2lora_ray.bench.s3 import LocalS3
+
+    with LocalS3() as server:
+        server.buckets = 0
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server):
+    """A fresh empty bucket on the session's S3 server: ``s3://test-bucket-N``."""
+    s3_server.buckets += 1
+    return s3_server.bucket(f"test-bucket-{s3_server.buckets}")

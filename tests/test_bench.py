@@ -23,7 +23,15 @@ from pf2lora_ray.experiment import UsageError
 
 
 def test_registry_names_the_benches() -> None:
-    assert set(BENCHES) == {"overhead", "scaling", "cost", "flower", "partial"}
+    assert set(BENCHES) == {
+        "overhead",
+        "scaling",
+        "cost",
+        "flower",
+        "partial",
+        "storage",
+        "cluster",
+    }
 
 
 def test_unknown_bench_is_a_usage_error_naming_the_choices(tmp_path) -> None:

@@ -11,6 +11,10 @@ Each bench is a module with ``run(quick: bool, out: Path) -> list[dict]`` (rows
 - ``flower``: the same FedAvg-LoRA workload on Flower's simulation engine and ours.
 - ``partial``: static blocks vs balanced placement when only some clients train
   (efficiency, seconds per round, state moved, replay on 8/16/64 actors, Flower).
+- ``storage``: seconds and bytes per round of results and checkpoints written to
+  a local folder vs an S3 bucket (moto's server on 127.0.0.1), SST-2 job.
+- ``cluster``: the README's cluster recipe (``ray start`` head + 2 workers, token
+  auth, ``ray job submit`` of the wheel, results in S3), with a worker node killed.
 
 Modules are imported on use: ``flower_app`` runs inside Flower's own virtual
 environment and must not pull in what only the other benches need.
@@ -41,7 +45,7 @@ def _lazy(module: str) -> Callable[..., list[dict[str, Any]]]:
 
 
 BENCHES: dict[str, Callable[..., list[dict[str, Any]]]] = {
-    name: _lazy(name) for name in ("overhead", "scaling", "cost", "flower", "partial")
+    name: _lazy(name) for name in ("overhead", "scaling", "cost", "flower", "partial", "storage")
 }
 # Options a bench takes besides quick/out (``pf2lora bench NAME --model M``).
 OPTIONS: dict[str, frozenset[str]] = {"cost": frozenset({"model"})}

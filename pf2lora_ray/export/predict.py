@@ -10,36 +10,55 @@ source may be given as triples (``--triple S P O``), linearised as in training.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from pf2lora_ray.export.writer import BASE_DIR, INFO_FILE
-from pf2lora_ray.validate import UsageError
+from pf2lora_ray.storage import location
+from pf2lora_ray.validate import UsageError, one_line
 
 
 def load_export(adapter_dir: str | Path) -> tuple[nn.Module, Any, dict]:
     """(PeftModel in eval mode, tokenizer, pf2lora.json) of an export folder.
+
+    ``adapter_dir`` may be a URI (:mod:`pf2lora_ray.storage`): the folder is
+    downloaded to a temporary folder for loading.
 
     Raises:
         UsageError: not an export folder, or an export whose base is not a
             transformers model (synthetic; load it onto your module with
             ``PeftModel.from_pretrained(module, OUT)``).
     """
+    where = location(adapter_dir)
+    if where.is_local:
+        return _load_export(where.local)
+    if not (where / INFO_FILE).is_file():
+        raise UsageError(f"{where}: not a pf2lora export (no {INFO_FILE})")
+    with tempfile.TemporaryDirectory(prefix="pf2lora-export-") as tmp:
+        return _load_export(where.download(Path(tmp) / where.name))
+
+
+def _load_export(folder: Path) -> tuple[nn.Module, Any, dict]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = Path(adapter_dir)
     if not (folder / INFO_FILE).is_file() or not (folder / "adapter_config.json").is_file():
         raise UsageError(
             f"{folder}: not a pf2lora export (needs {INFO_FILE} and adapter_config.json); "
             "write one with `pf2lora export RUN --client K --to OUT`"
         )
-    info = json.loads((folder / INFO_FILE).read_text())
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+        info["task_type"], info["dtype"], info["base_model"]  # noqa: B018 (checks the keys)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise UsageError(f"{folder / INFO_FILE}: damaged export metadata ({err!r})") from err
     autos = {"SEQ_CLS": AutoModelForSequenceClassification, "CAUSAL_LM": AutoModelForCausalLM}
     if info["task_type"] not in autos:
         raise UsageError(
@@ -59,7 +78,11 @@ def load_export(adapter_dir: str | Path) -> tuple[nn.Module, Any, dict]:
     if model.config.pad_token_id is None:
         # As models.load_model: GPT-2/Llama classifiers pool the last non-pad token.
         model.config.pad_token_id = tokenizer.pad_token_id
-    return PeftModel.from_pretrained(model, str(folder)).eval(), tokenizer, info
+    try:
+        adapted = PeftModel.from_pretrained(model, str(folder)).eval()
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise UsageError(f"{folder}: damaged adapter files ({one_line(err)[:200]})") from err
+    return adapted, tokenizer, info
 
 
 def _load_base(auto: Any, base: str, kwargs: dict[str, Any], folder: Path) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,12 @@ from torch import nn
 
 from pf2lora_ray import seeds
 from pf2lora_ray.algorithms.base import Tensors
-from pf2lora_ray.checkpoint import CheckpointError, load_checkpoint
+from pf2lora_ray.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
 from pf2lora_ray.client import Arrays, ClientHost
 from pf2lora_ray.config import Config, load_config
 from pf2lora_ray.lora import SHARED_FACTORS, TwoLevelLoRALinear, factor_names, lora_layers
 from pf2lora_ray.results import run_id_for
+from pf2lora_ray.storage import Location, check_folder, location
 from pf2lora_ray.tasks import Task
 from pf2lora_ray.validate import UsageError, check_names
 
@@ -30,21 +32,25 @@ PREFIX = "base_model.model."  # PEFT's key prefix (adapter name stripped)
 # ------------------------------------------------------------------ reading a run
 
 
-def load_run(run_dir: str | Path) -> tuple[Config, int, Arrays, dict[int, Arrays]]:
+def load_run(run_dir: str | Path | Location) -> tuple[Config, int, Arrays, dict[int, Arrays]]:
     """(config, round, theta, personal) of a run folder's latest checkpoint.
+
+    ``run_dir`` may be a local folder or a URI (:mod:`pf2lora_ray.storage`).
 
     Raises:
         UsageError: ``run_dir`` is not a run folder (no config.yaml).
+        ConfigError: its config.yaml is damaged.
         CheckpointError: it holds no (readable) checkpoint.
     """
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        runs = sorted(p.parent.name for p in run_dir.glob("*/config.yaml"))
+        runs = [sub.name for sub in run_dir.iterdir() if (sub / "config.yaml").is_file()]
         hint = f"; it holds the runs {runs}, pass one of those folders" if runs else ""
         raise UsageError(f"{run_dir}: not a run folder (no config.yaml){hint}")
-    cfg = load_config(run_dir / "config.yaml")
+    with (run_dir / "config.yaml").local_file() as file:
+        cfg = load_config(file)
     check_names(cfg)  # a config.yaml edited by hand may name no registered algorithm or task
-    if not (run_dir / "checkpoints" / "latest.json").is_file():
+    if not has_checkpoint(run_dir):
         raise CheckpointError(
             f"{run_dir}: no checkpoint (checkpoints/latest.json missing); export needs a run "
             "that finished, or one with checkpoint.every > 0 that completed a checkpointed round"
@@ -180,8 +186,9 @@ def label_names(task: Task, model: nn.Module) -> list[str] | None:
 # ------------------------------------------------------------------ export
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+def _check_out(out: Location) -> None:
+    check_folder(out, "--to")
+    if out.exists() and (not out.is_dir() or out.iterdir()):
         raise UsageError(f"--to {out}: already exists and is not an empty folder; choose a new one")
 
 
@@ -197,18 +204,19 @@ def _base_reference(model: nn.Module, base_model: str | Path | None) -> str | No
 
 
 def export_peft(
-    run_dir: str | Path,
+    run_dir: str | Path | Location,
     client: int,
-    to: str | Path,
+    to: str | Path | Location,
     shared_only: bool = False,
     base_model: str | Path | None = None,
-) -> Path:
+) -> Location:
     """Write client ``client``'s personalized model of a run as a PEFT LoRA adapter.
 
     Args:
         run_dir: a run folder (config.yaml + checkpoints/); the latest checkpoint is used.
+            A local path or a URI.
         client: the client id, in [0, fed.num_clients).
-        to: the export folder; must not exist or be empty.
+        to: the export folder (a local path or a URI); must not exist or be empty.
         shared_only: export the global adapter theta alone (rank r).
         base_model: folder or hub name to record as ``base_model_name_or_path``
             (must hold the run's frozen base weights). Default: the model's own
@@ -223,7 +231,9 @@ def export_peft(
     """
     from peft import LoraConfig
 
-    out = Path(to).resolve()
+    out = location(to)
+    out = location(out.local.resolve()) if out.is_local else out
+    run_dir = location(run_dir)
     cfg, round_, theta, personal = load_run(run_dir)
     check_client(cfg, client)
     _check_out(out)
@@ -239,7 +249,7 @@ def export_peft(
     is_hf = hasattr(model, "save_pretrained")
     save_base = is_hf and base_ref is None
     if save_base:
-        base_ref = str(out / BASE_DIR)
+        base_ref = (out / BASE_DIR).portable
     config = LoraConfig(
         task_type=peft_task_type(model),
         r=rank,
@@ -255,7 +265,7 @@ def export_peft(
     labels = label_names(task, model)
     info = {
         "run_id": run_id_for(cfg),
-        "run_dir": str(Path(run_dir).resolve()),
+        "run_dir": run_dir.portable,
         "client": None if shared_only else client,
         "shared_only": shared_only,
         "round": round_,
@@ -275,21 +285,24 @@ def export_peft(
         # Generation tasks: the prompt and decoding settings predict must reuse.
         **(task.export_info() if hasattr(task, "export_info") else {}),
     }
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write(tmp, config, tensors, info)
-        if is_hf:
-            _save_tokenizer(cfg, tmp)
-        if save_base:
-            torch.manual_seed(seeds.derive(cfg.seed, seeds.MODEL_INIT))  # as build_adapted_model
-            task.build_model().save_pretrained(tmp / BASE_DIR)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
+    with tempfile.TemporaryDirectory(prefix="pf2lora-export-") as scratch:
+        # Built in a local folder, then published whole: renamed into place locally,
+        # or uploaded with pf2lora.json last (what load_export looks for) to a bucket.
+        tmp = out.local.parent / f".{out.name}.tmp" if out.is_local else Path(scratch) / "export"
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            _write(tmp, config, tensors, info)
+            if is_hf:
+                _save_tokenizer(cfg, tmp)
+            if save_base:
+                torch.manual_seed(
+                    seeds.derive(cfg.seed, seeds.MODEL_INIT)
+                )  # as build_adapted_model
+                task.build_model().save_pretrained(tmp / BASE_DIR)
+            _publish(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -298,6 +311,21 @@ def _gguf_file(cfg: Config) -> str | None:
     from pf2lora_ray.models import resolve
 
     return resolve(cfg.model)[1]
+
+
+def _publish(folder: Path, out: Location) -> None:
+    """Make the finished export ``folder`` appear at ``out`` (see export_peft)."""
+    if out.is_local:
+        if out.exists():
+            out.local.rmdir()  # empty, checked above
+        os.replace(folder, out.path)
+        return
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == INFO_FILE)  # the marker goes last
+    for file in files:
+        (out / file.relative_to(folder).as_posix()).write_with(
+            lambda tmp, src=file: shutil.copyfile(src, tmp)
+        )
 
 
 def _write(folder: Path, config: Any, tensors: Tensors, info: dict) -> None:
@@ -312,4 +340,3 @@ def _save_tokenizer(cfg: Config, folder: Path) -> None:
     from pf2lora_ray.models import load_tokenizer
 
     load_tokenizer(cfg.model).save_pretrained(str(folder))
-

@@ -33,6 +33,7 @@ from pf2lora_ray.data.partition import (
     split_off_validation,
     split_train_test,
 )
+from pf2lora_ray.storage import Location, cached_copy, location
 from pf2lora_ray.tasks.base import Batch, DataError
 
 FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -41,22 +42,30 @@ FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".pa
 def find_split_file(path: str | Path, split: str, fmt: str | None = None) -> Path:
     """The file holding ``split`` under ``path`` (a file, or a folder with ``<split>.<ext>``).
 
+    ``path`` may be a URI (``s3://bucket/glue/SST-2``): the split's file is then
+    copied to a local cache on first use (:func:`pf2lora_ray.storage.cached_copy`).
+
     Raises:
         DataError: the path does not exist, or the folder has no file for the split.
     """
-    p = Path(path)
+    p = location(path)
     if p.is_file():
-        return p
+        return _local(p)
     if not p.is_dir():
         raise DataError(f"data.path: {p} does not exist; point it at a data folder or file")
     exts = [e for e, f in FORMATS.items() if fmt is None or f == fmt]
     for ext in exts:
         if (p / f"{split}{ext}").is_file():
-            return p / f"{split}{ext}"
+            return _local(p / f"{split}{ext}")
     raise DataError(
         f"data.path: {p} has no {split} file; expected one of "
         f"{[f'{split}{e}' for e in exts]} (choose the split with data.split)"
     )
+
+
+def _local(file: Location) -> Path:
+    """A local path for ``file``: as the user wrote it, or a cached download of a URI."""
+    return Path(file.uri) if file.is_local else cached_copy(file)
 
 
 def header_fields(file: Path) -> list[str]:

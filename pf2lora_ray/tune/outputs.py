@@ -13,6 +13,7 @@ from ray import tune
 
 from pf2lora_ray.config import Config, flatten, from_dict, read_yaml, set_dotted, to_dict
 from pf2lora_ray.results import write_parquet, write_text
+from pf2lora_ray.storage import Location, location
 from pf2lora_ray.tune.space import SPLITS, Space
 from pf2lora_ray.tune.trial import PLANNED
 
@@ -26,17 +27,19 @@ class TrialsWriter(tune.Callback):
 
     Rows are keyed by (trial_id, round), so a trial restarted on resume
     overwrites the rounds it reports again. Earlier rows are read back in
-    :meth:`setup` (not ``__init__``: Tune restores this object from its pickle).
+    :meth:`setup` (not ``__init__``: Tune restores this object from its pickle,
+    which is why it keeps the file's name, not a file system object).
     """
 
-    def __init__(self, path: Path, keys: Sequence[str]) -> None:
-        self.path, self.keys = path, list(keys)
+    def __init__(self, path: str | Path | Location, keys: Sequence[str]) -> None:
+        self.path, self.keys = location(path).portable, list(keys)
         self.rows: dict[tuple[str, int], dict[str, Any]] = {}
 
     def setup(self, **info: Any) -> None:
         self.rows = {}
-        if self.path.is_file():
-            for row in pd.read_parquet(self.path).to_dict("records"):
+        file = location(self.path)
+        if file.is_file():
+            for row in file.read_parquet().to_dict("records"):
                 self.rows[(row["trial_id"], int(row["round"]))] = row
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
@@ -54,10 +57,11 @@ class TrialsWriter(tune.Callback):
 
     def write(self) -> None:
         """Rewrite the trials file atomically from every row kept."""
-        write_parquet(pd.DataFrame([self.rows[k] for k in sorted(self.rows)]), self.path)
+        frame = pd.DataFrame([self.rows[k] for k in sorted(self.rows)])
+        write_parquet(frame, location(self.path))
 
 
-def complete_from_runs(out: Path, keys: Sequence[str]) -> None:
+def complete_from_runs(out: str | Path | Location, keys: Sequence[str]) -> None:
     """Add to ``trials.parquet`` every evaluation a trial's run wrote that Tune did not see.
 
     A trial's run folder (``trials/<trial_id>/metrics.parquet``) holds the aggregates of
@@ -65,18 +69,20 @@ def complete_from_runs(out: Path, keys: Sequence[str]) -> None:
     miss the last report of a trial that ends right after it. The run folder is the
     record, so best.yaml and the report judge every trial at its real last evaluation.
     """
+    out = location(out)
     writer = TrialsWriter(out / TRIALS_FILE, keys)
     writer.setup()
     added = False
-    for run_dir in sorted((out / "trials").glob("*/")):
+    for run_dir in (out / "trials").iterdir():
         metrics_path, config_path = run_dir / "metrics.parquet", run_dir / "config.yaml"
         if not (metrics_path.exists() and config_path.is_file()):
             continue
-        rows = pd.read_parquet(metrics_path)
+        rows = metrics_path.read_parquet()
         rows = rows[rows["client_id"].isna()]
         evaluated = rows.loc[rows["split"] != "train", "round"].unique()
         rows = rows[rows["round"].isin(evaluated)]  # Tune hears of evaluation rounds only
-        flat = flatten(read_yaml(config_path))
+        with config_path.local_file() as config_file:
+            flat = flatten(read_yaml(config_file))
         for round_, group in rows.groupby("round"):
             if (run_dir.name, int(round_)) in writer.rows:
                 continue
@@ -103,7 +109,9 @@ def _plain(value: Any) -> Any:
     return value.tolist() if hasattr(value, "tolist") else value
 
 
-def write_best(trials: pd.DataFrame, base: Config, space: Space, out: Path) -> Path:
+def write_best(
+    trials: pd.DataFrame, base: Config, space: Space, out: str | Path | Location
+) -> Location:
     """Write ``best.yaml``: base overrides + fixed + the best trial's values; returns its path.
 
     The best trial is the one whose last reported ``space.metric`` is best (the
@@ -111,6 +119,7 @@ def write_best(trials: pd.DataFrame, base: Config, space: Space, out: Path) -> P
     """
     from analysis.tables import best_trial
 
+    out = location(out)
     best = best_trial(trials, space.metric, space.mode)
     job = overrides_of(base)
     for key, value in space.fixed.items():
@@ -118,11 +127,15 @@ def write_best(trials: pd.DataFrame, base: Config, space: Space, out: Path) -> P
     for key in space.params:
         set_dotted(job, key, _plain(best[f"{CONFIG_PREFIX}{key}"]))
     from_dict(copy.deepcopy(job))
+    # Job files are read from local disk: a best.yaml in a bucket is copied down first.
+    path = out / BEST_FILE
+    run = (
+        f"pf2lora run {path}" if path.is_local else f"pf2lora run {BEST_FILE} (copied from {path})"
+    )
     header = (
         f"# Best of {trials['trial_id'].nunique()} trials by {space.metric} ({space.mode}): "
         f"{float(best[space.metric]):.6g}, trial {best['trial_id']}.\n"
-        f"# Run it with: pf2lora run {out / BEST_FILE}\n"
+        f"# Run it with: {run}\n"
     )
-    path = out / BEST_FILE
     write_text(header + yaml.safe_dump(job, sort_keys=False), path)
     return path

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import ray
 import yaml
 from ray import tune
@@ -19,6 +18,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from pf2lora_ray import seeds
 from pf2lora_ray.config import Config, FedConfig, read_yaml
 from pf2lora_ray.results import write_text
+from pf2lora_ray.storage import Location, check_folder, location
 from pf2lora_ray.tune.outputs import (
     TRIALS_FILE,
     TrialsWriter,
@@ -43,7 +43,17 @@ def _start_ray(cfg: Config) -> bool:
     return True
 
 
-def _check_out(out: Path, spec: dict[str, Any], resume: bool) -> None:
+def ray_storage(loc: Location) -> dict[str, Any]:
+    """Ray Tune's ``storage_path`` / ``storage_filesystem`` for ``loc``: the same file system.
+
+    Tune would otherwise open the URI again itself (also through pyarrow.fs).
+    """
+    if loc.is_local:
+        return {"storage_path": loc.path}
+    return {"storage_path": loc.path, "storage_filesystem": loc.fs}
+
+
+def _check_out(out: Location, spec: dict[str, Any], resume: bool) -> None:
     spec_path = out / SPEC_FILE
     if not resume:
         if (out / "tune").exists() or spec_path.exists():
@@ -52,9 +62,14 @@ def _check_out(out: Path, spec: dict[str, Any], resume: bool) -> None:
                 "a new folder"
             )
         return
-    if not tune.Tuner.can_restore(str(out / "tune")) or not spec_path.is_file():
+    where = ray_storage(out / "tune")
+    restorable = tune.Tuner.can_restore(where["storage_path"], where.get("storage_filesystem"))
+    if not restorable or not spec_path.is_file():
         raise UsageError(f"--resume: {out} holds no tune to resume ({out / 'tune'} missing)")
-    saved = yaml.safe_load(spec_path.read_text())
+    try:
+        saved = yaml.safe_load(spec_path.read_text())
+    except yaml.YAMLError as err:
+        raise UsageError(f"{spec_path}: malformed YAML: {err}") from err
     if saved != spec:
         raise UsageError(
             f"--resume: the base config or space differs from the tune in {out} "
@@ -62,11 +77,14 @@ def _check_out(out: Path, spec: dict[str, Any], resume: bool) -> None:
         )
 
 
-def _unfinished(out: Path, space: Space, samples: int) -> int:
+def _unfinished(out: Location, space: Space, samples: int) -> int:
     """Trials of the tune in ``out`` not yet terminated or errored, per its saved state."""
     grid_points = math.prod(len(d.args) for d in space.params.values() if d.kind == "grid")
     expected = grid_points * (samples if space.search == "random" else 1)
-    trials = tune.ExperimentAnalysis(str(out / "tune")).trials
+    where = ray_storage(out / "tune")
+    trials = tune.ExperimentAnalysis(
+        where["storage_path"], storage_filesystem=where.get("storage_filesystem")
+    ).trials
     done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
     return max(expected, len(trials)) - done
 
@@ -74,16 +92,16 @@ def _unfinished(out: Path, space: Space, samples: int) -> int:
 def run_tune(
     cfg: Config,
     space_path: str | Path,
-    out: str | Path,
+    out: str | Path | Location,
     samples: int = 4,
     resume: bool = False,
-) -> Path:
+) -> Location:
     """Search ``space_path`` around ``cfg`` with Ray Tune; returns the path of best.yaml.
 
     Args:
         cfg: the base config; trials set the space's values on it.
         space_path: SPACE.yaml (module docstring).
-        out: the tune folder (layout in the module docstring).
+        out: the tune folder (layout in the package docstring): a local path or a URI.
         samples: random draws (``search: random``); a grid search runs each point once.
         resume: continue the interrupted tune in ``out``.
 
@@ -105,7 +123,8 @@ def run_tune(
     checked: dict[str, dict[str, float]] = {}
     for candidate in candidate_configs(cfg, space):  # names, data and partition, as `run` does
         validate_run(candidate, checked)
-    out = Path(out).resolve()
+    out = location(out)
+    check_folder(out, "--out")
     spec = {"base": overrides_of(cfg), "space": read_yaml(space_path), "samples": samples}
     _check_out(out, spec, resume)
     started = _start_ray(cfg)
@@ -113,7 +132,7 @@ def run_tune(
         base_trial = trial_config(cfg, space.fixed)
         bundles = trial_bundles(base_trial, space.driver_cpus)
         limit = concurrency(bundles, ray.cluster_resources(), space.max_concurrent)
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir()
         write_text(yaml.safe_dump(spec, sort_keys=False), out / SPEC_FILE)
         tuner = _tuner(absolute_paths(cfg), space, out, samples, limit, resume)
         grid = tuner.fit()
@@ -129,7 +148,7 @@ def run_tune(
         if not (out / TRIALS_FILE).is_file():
             first = grid.errors[0] if grid.errors else "no error was recorded"
             raise RuntimeError(f"no trial reported a result; first error: {first}")
-        trials = pd.read_parquet(out / TRIALS_FILE)
+        trials = (out / TRIALS_FILE).read_parquet()
         best = write_best(trials, cfg, space, out)
         if not cfg.runtime.quiet:
             print(
@@ -167,18 +186,27 @@ def absolute_paths(cfg: Config) -> Config:
 
 
 def _tuner(
-    cfg: Config, space: Space, out: Path, samples: int, limit: int, resume: bool
+    cfg: Config, space: Space, out: Location, samples: int, limit: int, resume: bool
 ) -> tune.Tuner:
+    where = out.portable  # a trial reopens it on its own node
+
     def pf2lora_trial(values: dict[str, Any]) -> None:
-        run_trial(values, cfg, space, out)
+        run_trial(values, cfg, space, where)
 
     def resources(values: dict[str, Any]) -> tune.PlacementGroupFactory:
         trial_cfg = trial_config(cfg, {**space.fixed, **values})
         return tune.PlacementGroupFactory(trial_bundles(trial_cfg, space.driver_cpus))
 
     trainable = tune.with_resources(pf2lora_trial, resources)
+    storage = ray_storage(out)
     if resume:
-        return tune.Tuner.restore(str(out / "tune"), trainable, resume_errored=True)
+        tune_dir = ray_storage(out / "tune")
+        return tune.Tuner.restore(
+            tune_dir["storage_path"],
+            trainable,
+            resume_errored=True,
+            storage_filesystem=tune_dir.get("storage_filesystem"),
+        )
     scheduler = None
     if space.scheduler == "asha":
         # ASHA stops every trial at max_t, so it must be the longest run the space allows.
@@ -207,7 +235,7 @@ def _tuner(
             num_samples=samples if space.search == "random" else 1,
         ),
         run_config=tune.RunConfig(
-            storage_path=str(out),
+            **storage,
             name="tune",
             callbacks=[TrialsWriter(out / TRIALS_FILE, list(space.params))],
             verbose=0 if cfg.runtime.quiet else 1,

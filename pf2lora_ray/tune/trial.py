@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from ray import tune
 
+from pf2lora_ray.checkpoint import has_checkpoint
 from pf2lora_ray.config import Config, ConfigError
 from pf2lora_ray.driver import DriverState, RoundReport, is_eval_round
 from pf2lora_ray.experiment import run_experiment
 from pf2lora_ray.results import aggregate_rows
+from pf2lora_ray.storage import Location, location
 from pf2lora_ray.tune.space import Space, trial_config
 
 # The driver only aggregates under the Ray backend; half a CPU leaves room for actors.
@@ -41,13 +41,14 @@ class TuneReporter:
             reported first (the trial may have been stopped before reporting them).
     """
 
-    def __init__(self, metric: str, run_dir: Path | None = None) -> None:
-        self.metric, self.run_dir = metric, run_dir
+    def __init__(self, metric: str, run_dir: str | Path | Location | None = None) -> None:
+        self.metric = metric
+        self.run_dir = None if run_dir is None else location(run_dir)
 
     def on_start(self, state: DriverState) -> None:
         if state.round == 0 or self.run_dir is None or not is_eval_round(state.cfg, state.round):
             return
-        rows = pd.read_parquet(self.run_dir / "metrics.parquet")
+        rows = (self.run_dir / "metrics.parquet").read_parquet()
         rows = rows[rows["client_id"].isna() & (rows["round"] == state.round)]
         metrics = {f"{r.split}.{r.metric}": float(r.value) for r in rows.itertuples()}
         if self.metric in metrics:
@@ -67,17 +68,19 @@ class TuneReporter:
         pass
 
 
-def run_trial(values: dict[str, Any], base: Config, space: Space, out: Path) -> None:
+def run_trial(values: dict[str, Any], base: Config, space: Space, out: str) -> None:
     """One Tune trial: the base config with ``values``, run into ``out/trials/<trial_id>``.
 
+    ``out`` is the tune folder as an absolute path or a URI: the trial may run on
+    another node, which opens it with its own credentials (:mod:`pf2lora_ray.storage`).
     A trial restarted by ``--resume`` continues from its run's latest checkpoint;
     without one its partial folder is cleared and it starts over.
     """
     cfg = trial_config(base, {**space.fixed, **values})
-    run_dir = out / "trials" / tune.get_context().get_trial_id()
-    resume = (run_dir / "checkpoints" / "latest.json").is_file()
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
+    run_dir = location(out) / "trials" / tune.get_context().get_trial_id()
+    resume = has_checkpoint(run_dir)
+    if not resume:
+        run_dir.delete()
     reporter = TuneReporter(space.metric, run_dir)
     run_experiment(cfg, run_dir, resume=resume, extra_callbacks=[reporter])
 
