@@ -70,7 +70,7 @@ def main_tune_metric(trials: pd.DataFrame) -> str | None:
     return None
 
 
-def write_report(path: str | Path | Location) -> list[Location]:
+def write_report(path: str | Path | Location) -> list[Path | Location]:
     """Write ``report.md`` and PNG figures into a results folder.
 
     A folder holding ``trials.parquet`` gets a Tune report (best trial, trials
@@ -87,19 +87,24 @@ def write_report(path: str | Path | Location) -> list[Location]:
         path: The results folder (a local path or a URI); files are written into it.
 
     Returns:
-        The written files, figures first and ``report.md`` last.
+        The written files, figures first and ``report.md`` last: Paths for a local
+        folder, :class:`~pf2lora_ray.storage.Location` for a URI.
 
     Raises:
         FileNotFoundError: If the folder holds neither a trials file nor run files.
     """
     folder = location(path)
     if (folder / TRIALS_FILE).is_file():
-        return _write_tune_report(folder)
+        return _as_paths(_write_tune_report(folder))
     if folder.is_dir() and (has_run_files(folder) or _holds_runs(folder)):
-        return _write_run_report(folder)
+        return _as_paths(_write_run_report(folder))
     raise FileNotFoundError(
         f"{folder} holds neither {TRIALS_FILE} nor run files (runs/metrics/ranks/system.parquet)"
     )
+
+
+def _as_paths(written: list[Location]) -> list[Path | Location]:
+    return [loc.local if loc.is_local else loc for loc in written]
 
 
 def _holds_runs(folder: Location) -> bool:
