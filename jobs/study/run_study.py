@@ -84,7 +84,11 @@ METHODS: dict[str, dict[str, Any]] = {
 DEFAULT_METHODS = ["centralized_lora", "homlora", "hetlora", "pf2lora", "pf2lora_first_order"]
 # The metric Tune selects on, per task: (reported column, mode); accuracy otherwise.
 # Always a validation column: the test split is kept for the tables.
-TUNE_METRICS = {"cola": ("val.mcc.mean", "max"), "synthetic": ("val.mse.mean", "min")}
+TUNE_METRICS = {
+    "cola": ("val.mcc.mean", "max"),
+    "synthetic": ("val.mse.mean", "min"),
+    "webnlg": ("val.bleu.mean", "max"),
+}
 
 # --profile: --set lines applied to every tune and run (on top of the task's job).
 # long: the schedule at which the issue-13 probe saw the personal level help on SST-2.
@@ -113,6 +117,26 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 PAPER_ROUNDS = {"cola": 50, "mnli": 300, "qqp": 300}
+# WebNLG at the paper's scale (jobs/webnlg_paper.yaml): GPT-2 medium, 10 categories,
+# beam search; the offline WebNLG file stays (the hub has no such layout).
+PAPER_TASK_SETS: dict[str, dict[str, Any]] = {
+    "webnlg": {
+        "model.name": "gpt2-medium",
+        "data.path": "../shared/data/webnlg2017",
+        "data.max_length": 256,
+        "data.batch_size": 8,
+        "data.eval_batch_size": 32,
+        "data.max_val_per_client": 0,
+        "data.num_beams": 10,
+        "fed.num_clients": 10,
+        "fed.clients_per_round": 10,
+        "fed.rounds": 30,
+        "fed.local_steps": 20,
+        "fed.eval_every": 30,
+        "adapter.r": 4,
+        "adapter.alpha": 32.0,
+    },
+}
 
 
 def profile_sets(profile: str, task: str) -> dict[str, Any]:
@@ -120,6 +144,8 @@ def profile_sets(profile: str, task: str) -> dict[str, Any]:
     sets = dict(PROFILES[profile])
     if profile == "paper" and task in PAPER_ROUNDS:
         sets["fed.rounds"] = PAPER_ROUNDS[task]
+    if profile == "paper":
+        sets.update(PAPER_TASK_SETS.get(task, {}))
     return sets
 
 
