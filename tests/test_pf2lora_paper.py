@@ -200,7 +200,9 @@ def test_centralized_lora_run_evaluates_every_client_and_beats_nothing_trained(t
     cfg = synthetic("centralized_lora", "fed.rounds=3", "fed.eval_every=3")
     run_experiment(cfg, tmp_path / "c")
     m = pd.read_parquet(tmp_path / "c" / "metrics.parquet")
-    test = m[(m["metric"] == "mse") & m["client_id"].notna() & (m["round"] == 3)]
+    test = m[
+        (m["metric"] == "mse") & (m["split"] == "test") & m["client_id"].notna() & (m["round"] == 3)
+    ]
     assert sorted(test["client_id"]) == list(range(cfg.fed.num_clients))
     train = m[(m["split"] == "train") & m["client_id"].notna()]
     assert set(train["client_id"]) == {0}  # one trainer per round

@@ -45,7 +45,8 @@ def _lazy(module: str) -> Callable[..., list[dict[str, Any]]]:
 
 
 BENCHES: dict[str, Callable[..., list[dict[str, Any]]]] = {
-    name: _lazy(name) for name in ("overhead", "scaling", "cost", "flower", "partial", "storage")
+    name: _lazy(name)
+    for name in ("overhead", "scaling", "cost", "flower", "partial", "storage", "cluster")
 }
 # Options a bench takes besides quick/out (``pf2lora bench NAME --model M``).
 OPTIONS: dict[str, frozenset[str]] = {"cost": frozenset({"model"})}
