@@ -288,9 +288,17 @@ def split_train_test(
             f"client {client} has {indices.size} example(s) and cannot be split into "
             "non-empty train and test parts; it needs at least 2 (use fewer clients)"
         )
-    num_test = min(max(round(test_fraction * indices.size), 1), indices.size - 1)
-    shuffled = seeds.rng(seed, seeds.TEST_SPLIT, client).permutation(indices)
-    return np.sort(shuffled[num_test:]), np.sort(shuffled[:num_test])
+    return _hold_out(indices, test_fraction, seeds.TEST_SPLIT, seed, client)
+
+
+def _hold_out(
+    indices: np.ndarray, fraction: float, stream: str, seed: int, client: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): round(fraction * n) rows, clamped to [1, n - 1], drawn from
+    stream (seed, ``stream``, client); both sorted. ``indices`` holds >= 2 rows."""
+    num_held = min(max(round(fraction * indices.size), 1), indices.size - 1)
+    shuffled = seeds.rng(seed, stream, client).permutation(indices)
+    return np.sort(shuffled[num_held:]), np.sort(shuffled[:num_held])
 
 
 def split_off_validation(
@@ -327,9 +335,7 @@ def split_off_validation(
             f"client {client} has {train.size} training example(s) and cannot give up "
             "validation rows; it needs at least 2 (use fewer clients or data.val_fraction=0)"
         )
-    num_val = min(max(round(val_fraction * train.size), 1), train.size - 1)
-    shuffled = seeds.rng(seed, seeds.VAL_SPLIT, client).permutation(train)
-    return np.sort(shuffled[num_val:]), np.sort(shuffled[:num_val])
+    return _hold_out(train, val_fraction, seeds.VAL_SPLIT, seed, client)
 
 
 def label_histogram(parts: Sequence[np.ndarray], labels: np.ndarray, num_labels: int) -> np.ndarray:
