@@ -134,10 +134,12 @@ def start_ray(num_cpus: int) -> float:
 
     import ray
 
+    from pf2lora_ray.runtime.loopback import init_embedded
+
     t0 = time.perf_counter()
     for attempt in range(3):
         try:
-            ray.init(
+            init_embedded(
                 num_cpus=num_cpus,
                 include_dashboard=False,
                 log_to_driver=False,

@@ -22,6 +22,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pf2lora_ray.config import Config, ConfigError
+from pf2lora_ray.runtime.loopback import init_embedded
 
 _EPS = 1e-9  # fractional resources: 1.0 / 0.1 must count as 10 actors, not 9
 # Ray's start-up notices (e.g. that token authentication is on) that --quiet keeps
@@ -60,8 +61,8 @@ def start_ray(cfg: Config) -> bool:
         if address:
             ray.init(address=address, **common)
         else:
-            # Token authentication and the 127.0.0.1 dashboard host stay Ray's defaults.
-            ray.init(include_dashboard=cfg.runtime.dashboard, **common)
+            # Every server on 127.0.0.1; token authentication stays Ray's default (on).
+            init_embedded(include_dashboard=cfg.runtime.dashboard, **common)
     return True
 
 

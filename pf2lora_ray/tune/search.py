@@ -18,6 +18,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from pf2lora_ray import seeds
 from pf2lora_ray.config import Config, FedConfig, read_yaml
 from pf2lora_ray.results import write_text
+from pf2lora_ray.runtime.loopback import init_embedded
 from pf2lora_ray.storage import Location, check_folder, location
 from pf2lora_ray.tune.outputs import (
     TRIALS_FILE,
@@ -38,8 +39,10 @@ def _start_ray(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.runtime.address or os.environ.get("RAY_ADDRESS") or None
-    # Token authentication stays Ray's default (on).
-    ray.init(address=address, include_dashboard=cfg.runtime.dashboard)
+    if address:
+        ray.init(address=address, include_dashboard=cfg.runtime.dashboard)
+    else:  # every server on 127.0.0.1; token authentication stays Ray's default (on)
+        init_embedded(include_dashboard=cfg.runtime.dashboard)
     return True
 
 
