@@ -84,8 +84,11 @@ def search_summary(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def write_compact(source: str | Path, dest: str | Path) -> list[Path]:
+def write_compact(source: str | Path | Location, dest: str | Path | Location) -> list[Location]:
     """Write the compact form of the study under ``source`` into ``dest`` (see module doc).
+
+    Either may be a local folder or a URI (``s3://``, ``gs://``, ``file://``); each
+    file is written whole under its final name (``Location.write_with``).
 
     Returns:
         The files written.
@@ -93,9 +96,9 @@ def write_compact(source: str | Path, dest: str | Path) -> list[Path]:
     Raises:
         FileNotFoundError: ``source`` holds no run files.
     """
-    source, dest = Path(source), Path(dest)
+    source, dest = location(source), location(dest)
     compact = compact_results(load_results(source))
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.mkdir()
     written = []
     for name in ("runs", "metrics", "ranks"):
         written.append(_write(getattr(compact, name), dest / f"{name}.parquet"))
@@ -105,8 +108,6 @@ def write_compact(source: str | Path, dest: str | Path) -> list[Path]:
     return written
 
 
-def _write(frame: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return path
+def _write(frame: pd.DataFrame, file: Location) -> Location:
+    file.write_with(lambda tmp: frame.to_parquet(tmp, index=False))
+    return file

@@ -84,7 +84,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
-    from pf2lora_ray.storage import location
+    from pf2lora_ray.storage import check_folder, location
     from pf2lora_ray.validate import UsageError
 
     folder = location(args.dir)
@@ -93,9 +93,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.compact:
         from analysis.compact import write_compact
 
-        if Path(args.compact).exists() and not Path(args.compact).is_dir():
-            raise UsageError(f"--compact {args.compact}: is a file; name a folder")
-        for path in write_compact(args.dir, args.compact):
+        dest = location(args.compact)
+        check_folder(dest, "--compact")  # a file in the way, an unreachable store, no bucket
+        for path in write_compact(folder, dest):
             print(path)
         return 0
     for path in write_report(folder):

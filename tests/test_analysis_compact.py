@@ -69,3 +69,23 @@ def test_compact_refuses_a_file_as_destination(tmp_path: Path, capsys) -> None:
     (tmp_path / "file").write_text("")
     assert main(["report", str(study), "--compact", str(tmp_path / "file")]) == 2
     assert "--compact" in capsys.readouterr().err
+
+
+def test_compact_to_a_bucket_reports_like_the_full_study(tmp_path: Path, s3: str, capsys) -> None:
+    from pf2lora_ray.storage import location
+
+    study = study_tree(tmp_path / "study")
+    dest = f"{s3}/study/compact"
+    assert main(["report", str(study), "--compact", dest]) == 0
+    assert f"{dest}/metrics.parquet" in capsys.readouterr().out
+    assert main(["report", dest]) == 0
+    write_report(study)
+    full = (study / "report.md").read_text().splitlines()[1:]
+    assert (location(dest) / "report.md").read_text().splitlines()[1:] == full
+
+
+def test_compact_to_a_missing_bucket_is_one_line(tmp_path: Path, s3: str, capsys) -> None:
+    study = study_tree(tmp_path / "study")
+    assert main(["report", str(study), "--compact", "s3://no-such-bucket/compact"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-bucket" in err[0] and "does not exist" in err[0]
