@@ -5,7 +5,7 @@
     pf2lora report DIR [--compact DEST]
     pf2lora export DIR --client K --to OUT [--shared-only]
     pf2lora predict OUT --text "..." | --triple S P O [--triple ...]
-    pf2lora bench NAME [--quick] [--out DIR] [--model M]
+    pf2lora bench NAME [--quick] [--out DIR] [--model M] [--eval-budget-s S]
 
 Bad input (config, data, checkpoint, arguments) prints one line ``error: ...``
 naming what is wrong and exits with status 2, without a traceback. ``run`` and
@@ -126,10 +126,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def seconds(text: str) -> float:
+    """A number of seconds >= 0 (argparse type: anything else is a usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pf2lora_ray.bench import run_bench
 
-    run_bench(args.name, quick=args.quick, out=args.out, model=args.model)
+    run_bench(
+        args.name,
+        quick=args.quick,
+        out=args.out,
+        model=args.model,
+        eval_budget_s=args.eval_budget_s,
+    )
     return 0
 
 
@@ -189,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--out")
     bench.add_argument("--model", help="cost only: minilm (default) or smollm2 (./setup.sh nlg)")
+    bench.add_argument(
+        "--eval-budget-s",
+        type=seconds,
+        help="scaling only: seconds the evaluation of every client may take "
+        "(default 600, --quick none; 0: no limit)",
+    )
     bench.set_defaults(fn=cmd_bench)
     return p
 

@@ -30,7 +30,14 @@ from pf2lora_ray import seeds
 from pf2lora_ray.algorithms import ALGORITHMS
 from pf2lora_ray.algorithms.base import RoundContext, Tensors
 from pf2lora_ray.config import Config
-from pf2lora_ray.lora import DEFAULT_TARGETS, init_factors, inject_two_level_lora, lora_layers
+from pf2lora_ray.lora import (
+    DEFAULT_TARGETS,
+    PERSONAL_FACTORS,
+    SHARED_FACTORS,
+    init_factors,
+    inject_two_level_lora,
+    lora_layers,
+)
 from pf2lora_ray.rank import energy_rank, factored_singular_values, threshold_rank, update_factors
 from pf2lora_ray.state_store import StateStore
 from pf2lora_ray.tasks import task_for
@@ -73,6 +80,7 @@ class EvalResult:
     streamed: bool = False
     spilled_bytes: int = 0
     read_bytes: int = 0
+    cpu_s: float = 0.0  # CPU seconds of the hosts' processes (summed), steadier than compute_s
 
 
 def peak_rss_mb() -> float:
@@ -127,6 +135,8 @@ class ClientHost:
         bound = cfg.runtime.state_memory_mb
         self.data = ClientDataCache(self.task, self.client_ids, on_demand=bound > 0)
         self.personal = StateStore(int(bound * 2**20), cfg.runtime.state_dir, str(self.device))
+        # Per adapted layer: (name, module, [(factor name, the model's tensor)]), for ranks.
+        self._factors: list | None = None
 
     # ------------------------------------------------------------ state
     def initial_shared(self) -> Arrays:
@@ -231,7 +241,7 @@ class ClientHost:
         every split it has: ``val`` rows first when ``data.val_fraction`` > 0, then
         ``test``. Diagnostics (shared-only metric, norms) are computed per split too.
         """
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ids = self.client_ids if client_ids is None else sorted(client_ids)
         self.data.hold(ids)
         theta_t = self._to_torch(theta)
@@ -241,13 +251,16 @@ class ClientHost:
             for split in self.data[k].eval_splits():
                 data = self.data[k].for_split(split)
                 metrics = self.task.evaluate(self.model, params, data)
-                metrics |= self.algorithm.diagnostics(self.task, self.model, params, data)
+                metrics |= self.algorithm.diagnostics(
+                    self.task, self.model, params, data, dict(metrics)
+                )
                 out.rows += [
                     {"client_id": k, "split": split, "metric": m, "value": float(v)}
                     for m, v in sorted(metrics.items())
                 ]
             out.ranks += self.ranks(params, k)
         out.compute_s, out.peak_rss_mb = time.perf_counter() - t0, peak_rss_mb()
+        out.cpu_s = time.process_time() - c0
         out.spilled_bytes, out.read_bytes = self.personal.take_counts()
         return out
 
@@ -266,13 +279,16 @@ class ClientHost:
 
     def ranks(self, params: dict[str, torch.Tensor], client_id: int) -> list[dict]:
         """Energy and threshold rank of every adapted layer's dW for one client."""
-        model_params = dict(self.model.named_parameters())
+        if self._factors is None:  # the model's layers never change: found once per host
+            model_params = dict(self.model.named_parameters())
+            names = SHARED_FACTORS + PERSONAL_FACTORS
+            self._factors = [
+                (layer, mod, [(f"{layer}.{f}", model_params[f"{layer}.{f}"]) for f in names])
+                for layer, mod in lora_layers(self.model).items()
+            ]
         rows = []
-        for layer, mod in lora_layers(self.model).items():
-            a, b, c, d = (
-                params.get(f"{layer}.{f}", model_params[f"{layer}.{f}"])
-                for f in ("lora_A", "lora_B", "lora_C", "lora_D")
-            )
+        for layer, mod, factors in self._factors:
+            a, b, c, d = (params.get(name, default) for name, default in factors)
             u, v = update_factors(a, b, c, d, mod.scaling, mod.scaling_personal)
             s = factored_singular_values(u, v)
             rows.append(

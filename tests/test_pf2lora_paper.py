@@ -13,7 +13,7 @@ from test_algorithms import host_for, local_update, synthetic, torch_theta
 
 from pf2lora_ray.algorithms.base import RoundContext
 from pf2lora_ray.algorithms.centralized_lora import concat_splits
-from pf2lora_ray.algorithms.pf2lora import ADAM, split_state
+from pf2lora_ray.algorithms.pf2lora import ADAM, is_plus_zero, split_state
 from pf2lora_ray.client import ClientHost
 from pf2lora_ray.config import ConfigError
 from pf2lora_ray.experiment import run_experiment
@@ -155,6 +155,32 @@ def test_diagnostics_report_shared_only_metric_and_personal_norms(tmp_path):
     assert diag["mse.shared_only"] == pytest.approx(full["mse"])  # ... so nothing is switched off
     c = float(torch.linalg.norm(params["proj.lora_C"]))
     assert diag["norm_C"] == pytest.approx(c)
+
+
+def test_shared_only_metrics_reused_exactly_when_d_is_plus_zero(monkeypatch):
+    """A never-trained client (D_k = +0.0) reuses the evaluated metrics; others evaluate.
+
+    Either way the values equal the two-pass definition bit for bit.
+    """
+    host = host_for("pf2lora", "synthetic.layers=2", "data.val_fraction=0.25")
+    host.train(host.initial_shared(), 1, [0])  # client 0's D_k leaves zero, client 1's does not
+    theta_t = torch_theta(host)
+    calls = []
+    evaluate = host.task.evaluate
+    monkeypatch.setattr(host.task, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
+    for client, trained in ((0, True), (1, False)):
+        params = host.eval_params(theta_t, 2, client)
+        data = host.data[client].for_split("test")
+        metrics = host.task.evaluate(host.model, params, data)
+        calls.clear()
+        reused = host.algorithm.diagnostics(host.task, host.model, params, data, dict(metrics))
+        assert len(calls) == (1 if trained else 0)
+        two_pass = host.algorithm.diagnostics(host.task, host.model, params, data)
+        assert reused.keys() == two_pass.keys()
+        assert all(repr(reused[m]) == repr(two_pass[m]) for m in reused)  # bit for bit
+    assert not is_plus_zero(torch.tensor([0.0, -0.0]))
+    assert not is_plus_zero(torch.tensor([0.0, float("nan")]))
+    assert is_plus_zero(torch.zeros(3, 2)) and is_plus_zero(torch.zeros(0))
 
 
 def test_algorithms_without_a_personal_level_report_no_diagnostics():

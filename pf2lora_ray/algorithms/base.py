@@ -184,9 +184,18 @@ class Algorithm:
         return {**theta, **phi}
 
     def diagnostics(
-        self, task: Task, model: nn.Module, params: Params, data: ClientData
+        self,
+        task: Task,
+        model: nn.Module,
+        params: Params,
+        data: ClientData,
+        metrics: dict[str, float] | None = None,
     ) -> dict[str, float]:
-        """Extra per-client evaluation metrics (default none; PF2LoRA: its personal level's)."""
+        """Extra per-client evaluation metrics (default none; PF2LoRA: its personal level's).
+
+        ``metrics``, when given, must be ``task.evaluate(model, params, data)``, already
+        computed by the caller: a diagnostic that would compute it again may reuse it.
+        """
         return {}
 
     def num_local_steps(self) -> int:

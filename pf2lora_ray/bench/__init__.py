@@ -48,8 +48,12 @@ BENCHES: dict[str, Callable[..., list[dict[str, Any]]]] = {
     name: _lazy(name)
     for name in ("overhead", "scaling", "cost", "flower", "partial", "storage", "cluster")
 }
-# Options a bench takes besides quick/out (``pf2lora bench NAME --model M``).
-OPTIONS: dict[str, frozenset[str]] = {"cost": frozenset({"model"})}
+# Options a bench takes besides quick/out (``pf2lora bench NAME --model M``,
+# ``pf2lora bench scaling --eval-budget-s S``).
+OPTIONS: dict[str, frozenset[str]] = {
+    "cost": frozenset({"model"}),
+    "scaling": frozenset({"eval_budget_s"}),
+}
 
 
 def run_bench(
@@ -79,7 +83,8 @@ def run_bench(
     options = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(set(options) - OPTIONS.get(name, frozenset()))
     if unknown:
-        raise UsageError(f"bench {name}: takes no --{unknown[0]} (benches with options: {OPTIONS})")
+        raise UsageError(f"bench {name}: takes no --{unknown[0].replace('_', '-')} "
+            f"(benches with options: {OPTIONS})")
     out = Path(out) if out is not None else Path("results") / "bench" / name
     out.mkdir(parents=True, exist_ok=True)
     info = machine_info()

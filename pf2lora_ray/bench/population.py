@@ -17,11 +17,13 @@ the rounds, the driver + actors' peak RSS.
 ``population-eval-N`` (the largest size): one evaluation of every client, each
 actor visiting its clients ``runtime.eval_chunk`` at a time with rows streamed to
 a callback that keeps none (as the results writer does): wall seconds, clients
-scored, peak RSS of the driver + that size's actors, bytes spilled and read
-back, and the state on disk. On a shared machine an evaluation of 100,000
-clients can outlast any budget, so it stops after :data:`EVAL_BUDGET_S` and
-reports how many clients it scored in how long (``complete`` 0 or 1) instead of
-nothing.
+scored, CPU seconds of the actors' processes (steadier than wall seconds on a
+shared machine), peak RSS of the driver + that size's actors, bytes spilled and
+read back, and the state on disk. On a shared machine an evaluation of 100,000
+clients can outlast any budget, so it stops after :data:`EVAL_BUDGET_S`
+(``pf2lora bench scaling --eval-budget-s S``; 0: none) and reports how many
+clients it scored in how long (``complete`` 0 or 1) instead of nothing. Its
+progress is printed every :data:`PROGRESS_EVERY` chunks.
 
 Each row is also printed as it is measured, so a bench cut short keeps them.
 """
@@ -47,6 +49,7 @@ CLIENTS_PER_ROUND = 64
 BOUND_MB = 4
 ACTORS = 2
 EVAL_BUDGET_S = 600.0  # --quick: no budget
+PROGRESS_EVERY = 10  # chunks (of 2 x 512 clients) between progress lines
 
 
 class OutOfTime(Exception):
@@ -112,6 +115,7 @@ class Counter:
 
     def __init__(self, budget_s: float | None) -> None:
         self.chunks = self.clients = self.spilled = self.read = 0
+        self.cpu_s = 0.0
         self.t0, self.budget_s = time.perf_counter(), budget_s
 
     def __call__(self, chunk: EvalResult) -> None:
@@ -119,12 +123,30 @@ class Counter:
         self.clients += len({r["client_id"] for r in chunk.rows})
         self.spilled += chunk.spilled_bytes
         self.read += chunk.read_bytes
+        self.cpu_s += chunk.cpu_s
+        if self.chunks % PROGRESS_EVERY == 0:
+            wall = time.perf_counter() - self.t0
+            print(
+                f"population: evaluation {self.clients} clients scored, "
+                f"{wall:.0f} s wall, {self.cpu_s:.0f} CPU-s",
+                flush=True,
+            )
         if self.budget_s is not None and time.perf_counter() - self.t0 > self.budget_s:
             raise OutOfTime
 
 
-def run(quick: bool, out: Path) -> list[dict[str, Any]]:
-    """Rounds of every size interleaved, then one evaluation of the largest (module docstring)."""
+def eval_budget(quick: bool, given: float | None) -> float | None:
+    """The evaluation's budget in seconds, None for none: ``given`` (0: none), else the default."""
+    if given is not None:
+        return given or None
+    return None if quick else EVAL_BUDGET_S
+
+
+def run(quick: bool, out: Path, eval_budget_s: float | None = None) -> list[dict[str, Any]]:
+    """Rounds of every size interleaved, then one evaluation of the largest (module docstring).
+
+    ``eval_budget_s``: see :func:`eval_budget`.
+    """
     from pf2lora_ray.algorithms import ALGORITHMS
     from pf2lora_ray.driver import sample_clients
     from pf2lora_ray.runtime.ray_backend import RayBackend
@@ -163,7 +185,7 @@ def run(quick: bool, out: Path) -> list[dict[str, Any]]:
             values["peak_rss_mb"] = backends[n].peak_rss_mb()
             values["driver_peak_rss_mb"] = peak_rss_mb()
             rows += shown(rows_for(f"population-clients-{n}", values))
-        budget = None if quick else EVAL_BUDGET_S
+        budget = eval_budget(quick, eval_budget_s)
         n = sizes[-1]
         rows += shown(evaluate_all(backends[n], thetas[n], rounds, out, n, budget))
     finally:
@@ -190,6 +212,8 @@ def evaluate_all(
             "complete": float(complete),
             "clients_scored": float(counter.clients),
             "clients_per_s": counter.clients / wall,
+            "cpu_s": counter.cpu_s,
+            "cpu_ms_per_client": 1e3 * counter.cpu_s / max(counter.clients, 1),
             "chunks": float(counter.chunks),
             "peak_rss_mb": backend.peak_rss_mb(),
             "driver_peak_rss_mb": peak_rss_mb(),

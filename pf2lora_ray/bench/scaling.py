@@ -199,7 +199,11 @@ def long_run(rounds: int, folder: Path) -> dict[str, float]:
     }
 
 
-def run(quick: bool, out: Path) -> list[dict[str, Any]]:
+def run(quick: bool, out: Path, eval_budget_s: float | None = None) -> list[dict[str, Any]]:
+    """The bench (module docstring); ``eval_budget_s``: the population evaluation's budget.
+
+    ``eval_budget_s`` None keeps :func:`population.eval_budget`'s default; 0 is no limit.
+    """
     import ray
 
     from pf2lora_ray.bench import population
@@ -212,11 +216,11 @@ def run(quick: bool, out: Path) -> list[dict[str, Any]]:
     start_ray(cores())
     try:
         if not quick:
-            return population.run(quick, out)
+            return population.run(quick, out, eval_budget_s)
         points = [measure(n, 4, out / "runs" / f"clients-{n}") for n in QUICK]
         mixed = interleaved(QUICK, 8)
         long = long_run(long_rounds, out / "runs" / f"rounds-{long_rounds}")
-        mixed += population.run(quick, out)
+        mixed += population.run(quick, out, eval_budget_s)
     finally:
         ray.shutdown()
     sizes, rounds = QUICK, 4

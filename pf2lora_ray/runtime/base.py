@@ -110,6 +110,7 @@ def combine_eval(parts: Sequence[EvalResult]) -> EvalResult:
         rows=sorted((r for p in parts for r in p.rows), key=key),
         ranks=sorted((r for p in parts for r in p.ranks), key=key),
         compute_s=sum(p.compute_s for p in parts),
+        cpu_s=sum(p.cpu_s for p in parts),
         peak_rss_mb=sum(p.peak_rss_mb for p in parts),
         dropped=sorted(k for p in parts for k in p.dropped),
         faults=[f for p in parts for f in p.faults],
@@ -136,6 +137,7 @@ def stream_chunks(
         on_chunk(part)
         out.rows += part.rows
         out.compute_s += part.compute_s
+        out.cpu_s += part.cpu_s
         out.peak_rss_mb = max(out.peak_rss_mb, part.peak_rss_mb)
         out.dropped += part.dropped
         out.faults += part.faults
