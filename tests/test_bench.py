@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pf2lora_ray.bench import BENCHES, run_bench
+from pf2lora_ray.bench import BENCHES, population, run_bench
 from pf2lora_ray.bench.common import (
     COLUMNS,
     cores,
@@ -18,6 +18,7 @@ from pf2lora_ray.bench.common import (
     text_job,
     write_sst2_like,
 )
+from pf2lora_ray.cli import main
 from pf2lora_ray.config import build_config
 from pf2lora_ray.experiment import UsageError
 
@@ -38,6 +39,25 @@ def test_unknown_bench_is_a_usage_error_naming_the_choices(tmp_path) -> None:
     with pytest.raises(UsageError, match="overhead"):
         run_bench("overheads", out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("given", ["-1", "soon", "nan"])
+def test_eval_budget_must_be_seconds_at_least_zero(tmp_path, capsys, given) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "scaling", "--eval-budget-s", given, "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2
+    assert "--eval-budget-s: must be a number of seconds >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(UsageError, match="takes no --eval-budget-s"):
+        run_bench("cost", out=tmp_path / "y", eval_budget_s=5.0)
+    assert not (tmp_path / "y").exists()
+
+
+def test_eval_budget_default_none_and_zero() -> None:
+    assert population.eval_budget(quick=False, given=None) == population.EVAL_BUDGET_S
+    assert population.eval_budget(quick=True, given=None) is None
+    assert population.eval_budget(quick=False, given=0.0) is None  # 0: no limit
+    assert population.eval_budget(quick=True, given=30.0) == 30.0
 
 
 def test_sst2_like_data_is_a_valid_glue_job(tmp_path) -> None:
