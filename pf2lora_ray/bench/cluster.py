@@ -8,23 +8,29 @@ What a user does on a fresh Ray cluster, with every node a separate process tree
 2. ``pip wheel --no-deps -w WHEELS .`` (the README's command);
 3. token authentication: ``RAY_AUTH_MODE=token`` and a token file
    (``RAY_AUTH_TOKEN_PATH``) for every node and for the submitter;
-4. ``ray start --head`` (no CPUs, job server on 127.0.0.1, its own ``--temp-dir``)
-   and two ``ray start --address`` worker nodes of 2 CPUs, all on 127.0.0.1;
+4. ``ray start --head`` (no CPUs, job server on 127.0.0.1) and two ``ray start
+   --address`` worker nodes of 2 CPUs, each node with its own ports and ``--temp-dir``;
 5. the README's ``ray job submit`` with a ``runtime_env`` that installs the
    wheel, writing to an S3 bucket (moto's server on 127.0.0.1; the nodes get
    the AWS_* variables from their environment, none go into the job);
-6. the same job again, and once round 3's results are in the bucket the
-   processes of the worker node holding actor work are killed (SIGKILL to its
-   process group): Ray restarts the actors on the other node and the backend
-   replays from the checkpoint.
+6. ``pf2lora tune`` submitted the same way, two trials that each reserve a whole
+   worker node: both trials' runs must be complete in the bucket, their Tune
+   actors must have run on two different nodes (Ray's state API), and
+   ``pf2lora report s3://...`` must write a tune report;
+7. the run job again, and once round 3's results are in the bucket the
+   processes of the first worker node are killed (SIGKILL to each): Ray
+   restarts the actors on the other node and the backend replays from the
+   checkpoint.
 
-Both jobs' results must equal an in-process run of the same config (the
+Both run jobs' results must equal an in-process run of the same config (the
 local backend); the bench raises if they do not. Rows: seconds per step.
-Every process is stopped by its process group at the end, never ``ray stop``.
+Every node process is killed by pid (found by its environment marker), never
+``ray stop``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -110,6 +116,7 @@ class Node:
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path, marker: str) -> None:
         self.marker = f"PF2LORA_BENCH_NODE={marker}".encode()
+        self.log_path = log
         self.log = log.open("w")
         env = {**env, "PF2LORA_BENCH_NODE": marker}
         self.proc = subprocess.Popen(
@@ -139,10 +146,15 @@ class Node:
 
 
 def node_args(python: Path, temp: Path, head: str | None, cpus: int) -> list[str]:
-    """``ray start`` for the head (``head`` None) or a worker; distinct ports per node."""
+    """``ray start`` for the head (``head`` None) or a worker; its own ports and ``--temp-dir``.
+
+    Nodes on one machine each need their own temp dir: two runtime-env agents building
+    the job's pip environment in one folder fail ("dest dir ... exists"). No
+    ``--node-ip-address``: ``ray start`` turns 127.0.0.1 into the routable address.
+    """
     ray = [str(python), "-c", RAY_CLI, "start", "--block", "--disable-usage-stats"]
     per_node = [
-        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp}",
         f"--num-cpus={cpus}",
         f"--dashboard-agent-listen-port={_free_port()}",
         f"--dashboard-agent-grpc-port={_free_port()}",
@@ -150,7 +162,7 @@ def node_args(python: Path, temp: Path, head: str | None, cpus: int) -> list[str
         f"--runtime-env-agent-port={_free_port()}",
     ]
     if head is None:
-        return [*ray, "--head", f"--temp-dir={temp}", *per_node]
+        return [*ray, "--head", *per_node]
     return [*ray, f"--address={head}", *per_node]
 
 
@@ -159,10 +171,22 @@ def alive_nodes(python: Path, address: str, env: dict[str, str]) -> int:
         f"import ray; ray.init(address={address!r}, logging_level='ERROR');"
         "print(sum(n['Alive'] for n in ray.nodes()))"
     )
-    done = subprocess.run(
-        [str(python), "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+    try:  # a probe that outlasts its timeout (load average 20 on 2 cores) counts as none yet
+        done = subprocess.run(
+            [str(python), "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        return 0
     return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else 0
+
+
+def nodes_up(python: Path, address: str, env: dict[str, str], nodes: list[Node]) -> int:
+    """Alive nodes at ``address``; raises at once if a started node's ``ray start`` exited."""
+    for node in nodes:
+        if node.proc.poll() is not None:
+            tail = node.log_path.read_text()[-1500:]
+            raise RuntimeError(f"bench cluster: {node.log_path.name}: ray start exited:\n{tail}")
+    return alive_nodes(python, address, env)
 
 
 def wait_for(what: str, check: Any, timeout: float) -> float:
@@ -174,8 +198,18 @@ def wait_for(what: str, check: Any, timeout: float) -> float:
     return time.perf_counter() - start
 
 
-def submit_args(python: Path, dashboard: str, wheel: Path, out: str, wait: bool) -> list[str]:
-    """The README's ``ray job submit`` (the synthetic job instead of SST-2, to stay short)."""
+def submit_args(
+    python: Path,
+    dashboard: str,
+    wheel: Path,
+    out: str,
+    wait: bool,
+    command: list[str] | None = None,
+) -> list[str]:
+    """The README's ``ray job submit`` (the synthetic job instead of SST-2, to stay short).
+
+    ``command`` replaces ``run JOB`` (e.g. ``tune JOB --space ...``); the ``--set`` lines stay.
+    """
     # The package is already importable in this environment (same version), so pip
     # would skip the wheel; --force-reinstall --no-deps makes the job run the wheel.
     runtime_env = {
@@ -189,7 +223,8 @@ def submit_args(python: Path, dashboard: str, wheel: Path, out: str, wait: bool)
         str(python), "-c", RAY_CLI, "job", "submit", f"--address={dashboard}",
         "--working-dir", "jobs", "--runtime-env-json", json.dumps(runtime_env),
         *([] if wait else ["--no-wait"]),
-        "--", "python", "-m", "pf2lora_ray.cli", "run", JOB, "--quiet", *sets, "--out", out,
+        "--", "python", "-m", "pf2lora_ray.cli", *(command or ["run", JOB, "--quiet"]),
+        *sets, "--out", out,
     ]  # fmt: skip
 
 
@@ -204,11 +239,80 @@ def equal_results(got: str, want: Path) -> None:
     np.testing.assert_allclose(a["value"], b["value"], rtol=1e-5, atol=1e-9)
 
 
+# Each trial reserves a whole worker node (driver 0.5 CPU + one 1.5-CPU actor = its 2 CPUs),
+# so two trials running at once must be on the two worker nodes.
+TUNE_SPACE = {
+    "metric": "val.mse.mean",
+    "mode": "min",
+    "scheduler": "none",
+    "fixed": {"resources.num_actors": 1, "resources.num_cpus_per_actor": 1.5},
+    "space": {"adapter.r_personal": {"grid": [1, 2]}},
+}
+
+
+def trial_nodes(python: Path, dashboard: str, env: dict[str, str]) -> set[str]:
+    """Node ids of every Tune trainable actor the cluster ran (alive or finished).
+
+    Ray's state API, asked at the dashboard's URL (without an address it looks for
+    "the" local Ray and finds several on this machine).
+    """
+    code = (
+        "import json; from ray.util.state import list_actors;"
+        f"acts = list_actors(address={dashboard!r},"
+        " filters=[('class_name', '=', 'ImplicitFunc')], limit=10000,"
+        " detail=True, raise_on_missing_output=False);"
+        "print(json.dumps(sorted({a.node_id for a in acts})))"
+    )
+    done = subprocess.run(
+        [str(python), "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"bench cluster: listing the trials' actors failed: {done.stderr[-800:]}"
+        )
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def tune_across_nodes(
+    python: Path, dashboard: str, wheel: Path, out: str, space: Path, env: dict
+) -> dict[str, float]:
+    """``ray job submit`` of a tune whose two trials run on the two worker nodes.
+
+    Raises unless both trials' runs are complete in object storage, their
+    trainables ran on two different nodes, and ``pf2lora report`` reads the URI.
+    """
+    from pf2lora_ray.cli import main
+
+    space.write_text(json.dumps(TUNE_SPACE))  # YAML is a superset of JSON
+    start = time.perf_counter()
+    command = ["tune", JOB, "--quiet", "--space", str(space), "--samples", "1"]
+    subprocess.run(
+        submit_args(python, dashboard, wheel, out, wait=True, command=command),
+        env=env, cwd=repo_root(), check=True, timeout=1800,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    # trials.parquet: one row per reported result (trial x evaluation round)
+    trials = (location(out) / "trials.parquet").read_parquet()["trial_id"].unique()
+    rounds = int(next(s for s in SETS if s.startswith("fed.rounds=")).split("=")[1])
+    for trial_id in trials:
+        metrics = (location(out) / "trials" / trial_id / "metrics.parquet").read_parquet()
+        if metrics["round"].max() != rounds:
+            raise AssertionError(f"{out}/trials/{trial_id}: not every round is in the bucket")
+    nodes = trial_nodes(python, dashboard, env)
+    if len(trials) != 2 or len(nodes) != 2:
+        raise AssertionError(f"{len(trials)} trials on {len(nodes)} nodes, expected 2 on 2")
+    if main(["report", out]) != 0 or "Tune report" not in (location(out) / "report.md").read_text():
+        raise AssertionError(f"pf2lora report {out} did not write a tune report")
+    return {"tune_job_s": seconds, "tune_trials": float(len(trials)), "tune_nodes": len(nodes)}
+
+
 def run(quick: bool, out: Path) -> list[dict[str, Any]]:
     """Rows: seconds of each step; raises if a job fails or differs from in-process."""
     from pf2lora_ray.config import load_config
     from pf2lora_ray.experiment import run_experiment
 
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the finally below stops the nodes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     times: dict[str, float] = {}
     start = time.perf_counter()
     python = cluster_python()
@@ -227,8 +331,12 @@ def run(quick: bool, out: Path) -> list[dict[str, Any]]:
 
     reference = work / "in-process"
     cfg = load_config(Path("jobs") / JOB, [*SETS, "runtime.backend=local", "runtime.quiet=true"])
-    run_experiment(cfg, reference)
+    # The in-process reference runs in a thread while the nodes start (both mostly wait).
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    in_process = pool.submit(run_experiment, cfg, reference)
 
+    # Ray's session folder holds AF_UNIX sockets (at most 107 bytes of path): keep it short.
+    ray_temp = Path(tempfile.mkdtemp(prefix="pf2lora-ray-"))
     token = work / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -238,20 +346,23 @@ def run(quick: bool, out: Path) -> list[dict[str, Any]]:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the job runs the wheel
         env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         env |= {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+        # Ray starts workers at nice +15 on top of the node's own niceness: on a shared,
+        # loaded machine they then barely run (actors took minutes to import torch).
+        env |= {"RAY_worker_niceness": "0"}
         try:
             gcs, dash = _free_port(), _free_port()
             head = f"127.0.0.1:{gcs}"
             start = time.perf_counter()
-            head_args = node_args(python, work / "ray", None, 0)
+            head_args = node_args(python, ray_temp / "head", None, 0)
             head_args += [f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1"]
             head_args += [f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}"]
             nodes.append(Node(head_args, env, work / "head.log", f"{work.name}-head"))
             for i in range(2):
                 up = 1 + i
-                wait_for("the nodes", lambda n=up: alive_nodes(python, head, env) >= n, 180)
-                worker = node_args(python, work, head, 2)
+                wait_for("the nodes", lambda n=up: nodes_up(python, head, env, nodes) >= n, 600)
+                worker = node_args(python, ray_temp / f"w{i}", head, 2)
                 nodes.append(Node(worker, env, work / f"worker{i}.log", f"{work.name}-w{i}"))
-            wait_for("two worker nodes", lambda: alive_nodes(python, head, env) >= 3, 180)
+            wait_for("two worker nodes", lambda: nodes_up(python, head, env, nodes) >= 3, 600)
             times["cluster_start_s"] = time.perf_counter() - start
 
             dashboard = f"http://127.0.0.1:{dash}"
@@ -261,7 +372,10 @@ def run(quick: bool, out: Path) -> list[dict[str, Any]]:
                 env=env, cwd=repo_root(), check=True, timeout=900,
             )  # fmt: skip
             times["job_s"] = time.perf_counter() - start
+            in_process.result()
             equal_results(f"{bucket}/run", reference)
+            space = work / "space.yaml"  # the head is this machine: the driver reads it there
+            times |= tune_across_nodes(python, dashboard, wheel, f"{bucket}/tune", space, env)
 
             faulty = f"{bucket}/worker-killed"
             start = time.perf_counter()
@@ -281,5 +395,6 @@ def run(quick: bool, out: Path) -> list[dict[str, Any]]:
         finally:
             for node in reversed(nodes):
                 node.kill()
-    shutil.rmtree(work / "ray", ignore_errors=True)
+            shutil.rmtree(ray_temp, ignore_errors=True)  # sessions, sockets, pip environments
+            pool.shutdown()
     return rows_for("cluster", times)
