@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,6 +16,7 @@ from pf2lora_ray.experiment import run_experiment
 from pf2lora_ray.tasks.base import DataError
 from pf2lora_ray.tasks.text2text import Text2TextTask
 from pf2lora_ray.tasks.webnlg import WebNLGTask, linearise
+from pf2lora_ray.validate import validate_run
 
 
 @pytest.fixture(autouse=True)
@@ -138,6 +140,41 @@ def test_webnlg_and_a_text2text_table_of_the_same_entries_give_the_same_examples
     for k in range(3):
         assert a[k].train.rows == b[k].train.rows and a[k].test.rows == b[k].test.rows
         assert a[k].test.extra == b[k].test.extra
+
+
+def test_the_data_check_counts_per_split_the_examples_max_length_cuts(tmp_path, capsys):
+    """Its shares are those of the rows (and decoded prompts) that data.max_length changes."""
+    df = table(10)
+    df["text"] = [t + " more" * (i % 12) for i, t in enumerate(df.text)]  # texts of 22-80 bytes
+    path = write(df, tmp_path / "train.csv")
+    whole = Text2TextTask(cfg_for(path, **{"data.max_length": 4096})).client_data([0, 1, 2])
+    for limit, prompts_cut in ((40, True), (64, False)):  # prompts are 27-28 bytes
+        task = Text2TextTask(cfg_for(path, **{"data.max_length": limit}))
+        report, cut = task.check_data(), task.client_data([0, 1, 2])
+        for split in ("train", "val", "test"):
+            pairs = [(a, b) for k in range(3) for a, b in zip(
+                getattr(cut[k], split).rows, getattr(whole[k], split).rows, strict=True)]
+            assert len(pairs) > 0
+            changed = np.mean([a != b for a, b in pairs])
+            assert report[f"truncated.{split}"] == pytest.approx(changed)
+            if prompts_cut:  # every row loses prompt tokens
+                assert changed == 1
+            elif split == "train":  # some texts fit, some do not
+                assert 0 < changed < 1
+            if split != "train":
+                prompts = [(a, b) for k in range(3) for a, b in zip(
+                    getattr(cut[k], split).extra["prompt"],
+                    getattr(whole[k], split).extra["prompt"], strict=True)]
+                assert report[f"prompt_cut.{split}"] == float(prompts_cut)
+                assert np.mean([a != b for a, b in prompts]) == float(prompts_cut)
+        # One line before a run when a split loses more than 5%; none at the 95% length.
+        validate_run(task.cfg)
+        lines = capsys.readouterr().err.splitlines()
+        keep = int(report["length_p95"])
+        assert len(lines) == 1 and f"data.max_length={limit} cuts" in lines[0]
+        assert f"--set data.max_length={keep}" in lines[0] and keep > limit
+    validate_run(cfg_for(path, **{"data.max_length": 4096}))
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ from pf2lora_ray import metrics
 from pf2lora_ray.config import Config
 from pf2lora_ray.tasks.base import Batch, ClientData, Params
 from pf2lora_ray.tasks.glue import models
-from pf2lora_ray.tasks.text import ClientSplits, Examples, pad
+from pf2lora_ray.tasks.text import ClientSplits, Examples, pad, truncation
 
 SOURCE = "{source}"
 
@@ -124,8 +124,35 @@ class GenerationTask:
             self._splits = ClientSplits(self.cfg, len(entries), codes, names, str(self.file))
         return self._splits
 
-    def check_data(self) -> None:
-        self.splits().check()
+    def check_data(self) -> dict[str, float]:
+        """Partition check, then what ``data.max_length`` cuts of each split's examples.
+
+        An example is cut when its prompt is longer than half of ``data.max_length``
+        or prompt + text + end-of-text is longer than ``data.max_length``
+        (:meth:`_examples`): the length it needs whole is ``max(2 * prompt, prompt +
+        text + 1)``. Train counts every (entry, reference) pair a client trains on;
+        val and test count each scored entry once, with the first reference its loss
+        row holds. Besides :func:`~pf2lora_ray.tasks.text.truncation`'s keys,
+        ``prompt_cut.<split>`` is the share whose prompt alone is cut: what decoding
+        reads and scores, whatever the text.
+        """
+        splits = self.splits()
+        splits.check()
+        entries = self.entries()
+        shares = splits(range(self.cfg.fed.num_clients)).values()
+        limit = self.cfg.data.max_length
+        needed, prompt_cut = {}, {}
+        for i, split in enumerate(("train", "val", "test")):
+            idx = np.concatenate([share[i] for share in shares])
+            keep = None if split == "train" else 1  # val/test: the loss row's reference
+            pairs = [(entries[j], text) for j in idx for text in entries[j].references[:keep]]
+            prompt, target = (
+                np.array([len(x) for x in ids], dtype=np.int64) for ids in self._encode(pairs)
+            )
+            needed[split] = np.maximum(2 * prompt, prompt + target)
+            cut = float(np.mean(2 * prompt > limit)) if prompt.size else 0.0
+            prompt_cut[f"prompt_cut.{split}"] = cut
+        return {**truncation(needed, limit), **prompt_cut}
 
     def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
         missing = [k for k in client_ids if k not in self._clients]
@@ -154,14 +181,23 @@ class GenerationTask:
         ids = self.tokenizer(fill(self.prompt, source), add_special_tokens=False)["input_ids"]
         return ids[: self.cfg.data.max_length // 2]
 
+    def _encode(self, pairs: list[tuple[Entry, str]]) -> tuple[list[list[int]], list[list[int]]]:
+        """Untruncated token ids of each pair: (its prompt, `` text`` + end-of-text)."""
+        tok = self.tokenizer
+        if not pairs:
+            return [], []
+        prompts = [fill(self.prompt, entry.source) for entry, _ in pairs]
+        prompts = tok(prompts, add_special_tokens=False)["input_ids"]
+        targets = tok([f" {text}" for _, text in pairs], add_special_tokens=False)["input_ids"]
+        return prompts, [t + [tok.eos_token_id] for t in targets]
+
     def _examples(self, pairs: list[tuple[Entry, str]]) -> Examples:
         """Prompt + `` text</s>`` rows, truncated to data.max_length (prompt to half of it)."""
-        tok, limit = self.tokenizer, self.cfg.data.max_length
-        targets = tok([f" {text}" for _, text in pairs], add_special_tokens=False)["input_ids"]
+        limit = self.cfg.data.max_length
         rows = []
-        for (entry, _), target in zip(pairs, targets, strict=True):
-            prompt = self.prompt_ids(entry.source)
-            target = (target + [tok.eos_token_id])[: limit - len(prompt)]
+        for prompt, target in zip(*self._encode(pairs), strict=True):
+            prompt = prompt[: limit // 2]
+            target = target[: limit - len(prompt)]
             ids = prompt + target
             rows.append(
                 {
