@@ -20,7 +20,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import psutil
@@ -28,7 +28,7 @@ import torch
 
 from pf2lora_ray import seeds
 from pf2lora_ray.algorithms import ALGORITHMS
-from pf2lora_ray.algorithms.base import RoundContext, Tensors
+from pf2lora_ray.algorithms.base import ClientRound, RoundContext, Tensors
 from pf2lora_ray.config import Config
 from pf2lora_ray.lora import (
     DEFAULT_TARGETS,
@@ -211,12 +211,10 @@ class ClientHost:
         total, rows, seconds = 0.0, [], {}
         for k in sorted(client_ids):
             t_k = time.process_time()
-            ctx = RoundContext(self.cfg.seed, round_, k)
-            local = self.algorithm.local_update(
-                self.task, self.model, dict(theta_t), self.personal_state(k), self.data[k], ctx
-            )
+            client = self.client_round(theta_t, round_, k)
+            local = self.algorithm.local_update(client)
             self.personal.put(k, {n: v.detach() for n, v in local.phi.items()})
-            weight, x = self.algorithm.contribution(theta_t, local, self.data[k])
+            weight, x = self.algorithm.contribution(client, local)
             total += weight
             for name, v in x.items():
                 summed[name] += weight * v.detach().to("cpu", torch.float64).numpy()
@@ -247,13 +245,12 @@ class ClientHost:
         theta_t = self._to_torch(theta)
         out = EvalResult()
         for k in ids:
-            params = self.eval_params(theta_t, round_, k)
-            for split in self.data[k].eval_splits():
-                data = self.data[k].for_split(split)
-                metrics = self.task.evaluate(self.model, params, data)
-                metrics |= self.algorithm.diagnostics(
-                    self.task, self.model, params, data, dict(metrics)
-                )
+            client = self.client_round(theta_t, round_, k)
+            params = self._eval_params(client)
+            for split in client.data.eval_splits():
+                scored = replace(client, data=client.data.for_split(split))
+                metrics = self.task.evaluate(self.model, params, scored.data)
+                metrics |= self.algorithm.diagnostics(scored, params, dict(metrics))
                 out.rows += [
                     {"client_id": k, "split": split, "metric": m, "value": float(v)}
                     for m, v in sorted(metrics.items())
@@ -264,18 +261,23 @@ class ClientHost:
         out.spilled_bytes, out.read_bytes = self.personal.take_counts()
         return out
 
+    def client_round(self, theta: Tensors, round_: int, client_id: int) -> ClientRound:
+        """Client ``client_id``'s round ``round_`` from theta: what every algorithm hook gets."""
+        ctx = RoundContext(self.cfg.seed, round_, client_id)
+        phi, data = self.personal_state(client_id), self.data[client_id]
+        return ClientRound(self.task, self.model, dict(theta), phi, data, ctx)
+
     def eval_params(self, theta: Tensors, round_: int, client_id: int) -> dict[str, torch.Tensor]:
         """The parameters client ``client_id`` is evaluated with after round ``round_``.
 
         ``algorithm.eval_params`` of (theta, phi_k) with the round's context; what
         :meth:`evaluate` scores and what ``pf2lora export`` writes.
         """
-        ctx = RoundContext(self.cfg.seed, round_, client_id)
+        return self._eval_params(self.client_round(theta, round_, client_id))
+
+    def _eval_params(self, client: ClientRound) -> dict[str, torch.Tensor]:
         with torch.enable_grad():  # Per-FedAvg / HOMLoRA-FT take gradient steps here
-            return self.algorithm.eval_params(
-                self.task, self.model, theta, self.personal_state(client_id),
-                self.data[client_id], ctx,
-            )
+            return self.algorithm.eval_params(client)
 
     def ranks(self, params: dict[str, torch.Tensor], client_id: int) -> list[dict]:
         """Energy and threshold rank of every adapted layer's dW for one client."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pf2lora_ray.algorithms import ALGORITHMS
-from pf2lora_ray.algorithms.base import Local, RoundContext
+from pf2lora_ray.algorithms.base import ClientRound, Local, RoundContext
 from pf2lora_ray.algorithms.hetlora import (
     RANK,
     client_rank,
@@ -41,11 +41,7 @@ def torch_theta(host: ClientHost) -> dict[str, torch.Tensor]:
 
 
 def local_update(host: ClientHost, theta, client: int, round_: int = 1) -> Local:
-    ctx = RoundContext(host.cfg.seed, round_, client)
-    phi = host.personal_state(client)
-    return host.algorithm.local_update(
-        host.task, host.model, dict(theta), phi, host.data[client], ctx
-    )
+    return host.algorithm.local_update(host.client_round(theta, round_, client))
 
 
 def train_loss(host: ClientHost, params, client: int) -> float:
@@ -61,10 +57,7 @@ def test_homlora_ft_evaluation_fine_tunes_a_copy_and_lowers_train_loss() -> None
     host = host_for("homlora_ft", "finetune.steps=20", "algorithm.lr=0.01")
     theta = torch_theta(host)
     before = {k: v.clone() for k, v in theta.items()}
-    ctx = RoundContext(host.cfg.seed, 1, 0)
-    tuned = host.algorithm.eval_params(
-        host.task, host.model, theta, host.personal_state(0), host.data[0], ctx
-    )
+    tuned = host.algorithm.eval_params(host.client_round(theta, 1, 0))
     assert train_loss(host, tuned, 0) < 0.9 * train_loss(host, theta, 0)
     for k in theta:  # nothing persisted: theta itself is untouched
         assert torch.equal(theta[k], before[k])
@@ -95,6 +88,12 @@ class ScalarLinearTask:
         return 0.5 * ((batch["x"] @ params["w"] - batch["y"]) ** 2).mean()
 
 
+def scalar_round(w0: np.ndarray, data: ClientData) -> ClientRound:
+    """Client 0's round 1 of the scalar task from w0 (no model, no personal state)."""
+    theta = {"w": torch.tensor(w0)}
+    return ClientRound(ScalarLinearTask(), None, theta, {}, data, RoundContext(0, 1, 0))
+
+
 @pytest.mark.parametrize("variant", ["first_order", "hessian_free"])
 def test_per_fedavg_steps_match_the_hand_computation(variant: str) -> None:
     rng = np.random.default_rng(0)
@@ -114,9 +113,7 @@ def test_per_fedavg_steps_match_the_hand_computation(variant: str) -> None:
     # 4 examples < batch size: every batch (D, D', D'') is the whole split.
     data = ClientData(0, Split(torch.tensor(x), torch.tensor(y)), None)
     algo = ALGORITHMS["per_fedavg"](cfg)
-    out = algo.local_update(
-        ScalarLinearTask(), None, {"w": torch.tensor(w0)}, {}, data, RoundContext(0, 1, 0)
-    )
+    out = algo.local_update(scalar_round(w0, data))
 
     def grad(w: np.ndarray) -> np.ndarray:
         return x.T @ (x @ w - y) / len(y)
@@ -143,9 +140,7 @@ def test_per_fedavg_adamw_outer_step_matches_the_hand_computation() -> None:
     ]
     algo = ALGORITHMS["per_fedavg"](load_config(JOB, overrides))
     data = ClientData(0, Split(torch.tensor(x), torch.tensor(y)), None)
-    out = algo.local_update(
-        ScalarLinearTask(), None, {"w": torch.tensor(w0)}, {}, data, RoundContext(0, 1, 0)
-    )
+    out = algo.local_update(scalar_round(w0, data))
 
     def grad(w: np.ndarray) -> np.ndarray:
         return x.T @ (x @ w - y) / len(y)
@@ -158,17 +153,14 @@ def test_per_fedavg_adamw_outer_step_matches_the_hand_computation() -> None:
         w = w * (1 - lr * wd) - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
     np.testing.assert_allclose(out.theta["w"].numpy(), w, rtol=1e-7, atol=1e-9)
     sgd = ALGORITHMS["per_fedavg"](load_config(JOB, [*overrides, "per_fedavg.outer=sgd"]))
-    plain = sgd.local_update(
-        ScalarLinearTask(), None, {"w": torch.tensor(w0)}, {}, data, RoundContext(0, 1, 0)
-    )
+    plain = sgd.local_update(scalar_round(w0, data))
     assert not np.allclose(plain.theta["w"].numpy(), w)  # the option changes the update
 
 
 def test_per_fedavg_evaluation_takes_one_inner_step() -> None:
     host = host_for("per_fedavg", "per_fedavg.lr_inner=0.01")
     theta = torch_theta(host)
-    ctx = RoundContext(host.cfg.seed, 1, 0)
-    params = host.algorithm.eval_params(host.task, host.model, theta, {}, host.data[0], ctx)
+    params = host.algorithm.eval_params(host.client_round(theta, 1, 0))
     assert train_loss(host, params, 0) < train_loss(host, theta, 0)
     torch.testing.assert_close(params["proj.lora_B"], theta["proj.lora_B"], atol=0.2, rtol=0)
 
@@ -189,7 +181,8 @@ def test_hetlora_norm_weighted_average_of_zero_padded_factors() -> None:
     data = ClientData(0, range(10), None)
     summed, total = {k: np.zeros((2, 2)) for k in c0}, 0.0
     for c, r in ((c0, 1), (c1, 2)):
-        w, x = algo.contribution(theta_t, Local(c, {RANK: torch.tensor([r])}), data)
+        client = ClientRound(None, None, theta_t, {}, data, RoundContext(0, 1, 0))
+        w, x = algo.contribution(client, Local(c, {RANK: torch.tensor([r])}))
         total += w
         for k in summed:
             summed[k] += w * x[k].numpy()
@@ -219,7 +212,7 @@ def test_hetlora_client_trains_only_its_rank_and_sends_zero_padding() -> None:
     assert 1 <= r_new <= r
     assert torch.all(a[r_new:] == 0) and torch.all(b[:, r_new:] == 0)
     assert b[:, :r_new].abs().sum() > 0
-    weight, x = host.algorithm.contribution(theta, out, host.data[client])
+    weight, x = host.algorithm.contribution(host.client_round(theta, 1, client), out)
     assert weight > 0 and x.keys() == theta.keys()
 
 
@@ -256,7 +249,7 @@ def test_ffa_lora_leaves_a_at_its_shared_init_and_sends_b_only() -> None:
     out = local_update(host, theta, 0)
     assert torch.equal(out.theta["proj.lora_A"], theta["proj.lora_A"])
     assert not torch.equal(out.theta["proj.lora_B"], theta["proj.lora_B"])
-    _, delta = host.algorithm.contribution(theta, out, host.data[0])
+    _, delta = host.algorithm.contribution(host.client_round(theta, 1, 0), out)
     assert torch.all(delta["proj.lora_A"] == 0)
     assert host.algorithm.communicated_names(host.roles) == ["proj.lora_B"]
     assert host.algorithm.trainable_names(host.roles) == ["proj.lora_B"]

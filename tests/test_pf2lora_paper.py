@@ -4,6 +4,7 @@ diagnostics, and the centralized-LoRA reference row (PF2LORA.md, "What the paper
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ import pytest
 import torch
 from test_algorithms import host_for, local_update, synthetic, torch_theta
 
-from pf2lora_ray.algorithms.base import RoundContext
+from pf2lora_ray.algorithms.base import ClientRound, RoundContext
 from pf2lora_ray.algorithms.centralized_lora import concat_splits
 from pf2lora_ray.algorithms.pf2lora import ADAM, is_plus_zero, split_state
 from pf2lora_ray.client import ClientHost
@@ -87,9 +88,8 @@ def test_paper_estimator_draws_four_independent_batch_streams():
     from pf2lora_ray.algorithms.pf2lora import PI, XI, XI_TILDE, ZETA
 
     host = host_for("pf2lora")
-    ctx = RoundContext(0, 3, 1)
-    firsts = [next(host.algorithm.batches(host.task, host.data[1], ctx, p))["x"]
-              for p in (PI, XI, XI_TILDE, ZETA)]
+    client = ClientRound(host.task, host.model, {}, {}, host.data[1], RoundContext(0, 3, 1))
+    firsts = [next(host.algorithm.batches(client, p))["x"] for p in (PI, XI, XI_TILDE, ZETA)]
     for i in range(4):
         for j in range(i + 1, 4):
             assert not torch.equal(firsts[i], firsts[j])
@@ -149,7 +149,7 @@ def test_diagnostics_report_shared_only_metric_and_personal_norms(tmp_path):
     host = host_for("pf2lora")
     theta = torch_theta(host)
     params = {**theta, **host.personal_state(0)}
-    diag = host.algorithm.diagnostics(host.task, host.model, params, host.data[0])
+    diag = host.algorithm.diagnostics(host.client_round(theta, 1, 0), params)
     assert diag["norm_D"] == 0.0  # D starts at zero ...
     full = host.task.evaluate(host.model, params, host.data[0])
     assert diag["mse.shared_only"] == pytest.approx(full["mse"])  # ... so nothing is switched off
@@ -172,10 +172,11 @@ def test_shared_only_metrics_reused_exactly_when_d_is_plus_zero(monkeypatch):
         params = host.eval_params(theta_t, 2, client)
         data = host.data[client].for_split("test")
         metrics = host.task.evaluate(host.model, params, data)
+        scored = replace(host.client_round(theta_t, 2, client), data=data)
         calls.clear()
-        reused = host.algorithm.diagnostics(host.task, host.model, params, data, dict(metrics))
+        reused = host.algorithm.diagnostics(scored, params, dict(metrics))
         assert len(calls) == (1 if trained else 0)
-        two_pass = host.algorithm.diagnostics(host.task, host.model, params, data)
+        two_pass = host.algorithm.diagnostics(scored, params)
         assert reused.keys() == two_pass.keys()
         assert all(repr(reused[m]) == repr(two_pass[m]) for m in reused)  # bit for bit
     assert not is_plus_zero(torch.tensor([0.0, -0.0]))
@@ -186,7 +187,7 @@ def test_shared_only_metrics_reused_exactly_when_d_is_plus_zero(monkeypatch):
 def test_algorithms_without_a_personal_level_report_no_diagnostics():
     host = host_for("homlora")
     params = torch_theta(host)
-    assert host.algorithm.diagnostics(host.task, host.model, params, host.data[0]) == {}
+    assert host.algorithm.diagnostics(host.client_round(params, 1, 0), params) == {}
 
 
 # ------------------------------------------------------------ centralized_lora
@@ -209,7 +210,7 @@ def test_centralized_lora_trains_one_chain_on_the_pooled_data(tmp_path):
     assert pooled.num_train == sum(host.data[k].num_train for k in range(4))
     theta = torch_theta(host)
     ctx = RoundContext(cfg.seed, 1, 0)
-    local = host.algorithm.local_update(host.task, host.model, dict(theta), {}, host.data[0], ctx)
+    local = host.algorithm.local_update(host.client_round(theta, 1, 0))
     # Same total step count as a federated round: clients_per_round x local_steps AdamW steps.
     from pf2lora_ray.algorithms.base import AdamW, BatchStream, loss_and_grads
 

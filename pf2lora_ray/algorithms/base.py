@@ -2,12 +2,16 @@
 
 An algorithm is a small class with three hooks (after pfl-research and Flower):
 
-- :meth:`Algorithm.local_update` runs on a client: given the shared state theta
-  received this round and the client's personal state phi, it returns the new
-  (theta, phi). Only theta's contribution leaves the client.
+- :meth:`Algorithm.local_update` runs on a client: given its :class:`ClientRound`
+  (the shared state theta received this round, the client's personal state phi,
+  its data and the round's context) it returns the new (theta, phi). Only
+  theta's contribution leaves the client.
 - :meth:`Algorithm.contribution` turns one client's result into a weighted
   summand; hosts pre-sum these over their clients.
 - :meth:`Algorithm.aggregate` runs on the driver: sum of contributions -> next theta.
+
+Every client-side hook takes the client's round as one frozen
+:class:`ClientRound` value, as pfl-research hands its algorithms one context.
 
 Which parameters are shared, personal or frozen is declared by
 :meth:`Algorithm.partition`, so client hosts, checkpoints and the PEFT export
@@ -81,6 +85,38 @@ class RoundContext:
         return (purpose, self.round, self.client_id, *ids)
 
 
+@dataclass(frozen=True)
+class ClientRound:
+    """One client's round, as every client-side hook of :class:`Algorithm` receives it.
+
+    Attributes:
+        task: the task (loss, batches, evaluation).
+        model: the host's frozen base model with two-level LoRA; parameters are
+            passed to it by name, never written into it.
+        theta: the shared state received this round (theta_t), by parameter name.
+        phi: the client's personal state (model parameters and any extra state
+            from :meth:`Algorithm.init_personal`).
+        data: the client's data.
+        ctx: the round's context; every random draw comes from it.
+
+    Hooks read theta and phi and return new dicts and tensors; they never write
+    into them (the host's state and :meth:`Algorithm.contribution`'s theta_t are
+    these very tensors).
+    """
+
+    task: Task
+    model: nn.Module
+    theta: Tensors
+    phi: Tensors
+    data: ClientData
+    ctx: RoundContext
+
+    @property
+    def params(self) -> Tensors:
+        """theta and phi as one name-keyed dict (phi wins on a shared name; names are disjoint)."""
+        return {**self.theta, **self.phi}
+
+
 class BatchStream:
     """Mini-batches of one client's train split: shuffled epochs, reproducible."""
 
@@ -152,49 +188,26 @@ class Algorithm:
         return sorted(roles.shared)
 
     # ------------------------------------------------ client side
-    def local_update(
-        self,
-        task: Task,
-        model: nn.Module,
-        theta: Tensors,
-        phi: Tensors,
-        data: ClientData,
-        ctx: RoundContext,
-    ) -> Local:
+    def local_update(self, client: ClientRound) -> Local:
         """:meth:`num_local_steps` AdamW steps on :meth:`trainable_names` (plain local training)."""
-        trainable = self.trainable_names(Partition(sorted(theta), sorted(phi)))
-        loss, params = adamw_steps(
-            task, model, {**theta, **phi}, trainable, self.batches(task, data, ctx),
-            self.num_local_steps(), self.cfg.algorithm.lr, self.cfg.algorithm.weight_decay,
-        )
-        return Local(
-            {k: params[k] for k in theta}, {k: params[k] for k in phi}, {"train_loss": loss}
-        )
+        trainable = self.trainable_names(Partition(sorted(client.theta), sorted(client.phi)))
+        loss, params = self.adamw(client, client.params, trainable, self.num_local_steps())
+        theta = {k: params[k] for k in client.theta}
+        return Local(theta, {k: params[k] for k in client.phi}, {"train_loss": loss})
 
-    def eval_params(
-        self,
-        task: Task,
-        model: nn.Module,
-        theta: Tensors,
-        phi: Tensors,
-        data: ClientData,
-        ctx: RoundContext,
-    ) -> Params:
+    def eval_params(self, client: ClientRound) -> Params:
         """The parameters client k is evaluated with (default: theta and its phi)."""
-        return {**theta, **phi}
+        return client.params
 
     def diagnostics(
-        self,
-        task: Task,
-        model: nn.Module,
-        params: Params,
-        data: ClientData,
-        metrics: dict[str, float] | None = None,
+        self, client: ClientRound, params: Params, metrics: dict[str, float] | None = None
     ) -> dict[str, float]:
-        """Extra per-client evaluation metrics (default none; PF2LoRA: its personal level's).
+        """Extra per-client metrics of ``params`` on ``client.data`` (default: none).
 
-        ``metrics``, when given, must be ``task.evaluate(model, params, data)``, already
-        computed by the caller: a diagnostic that would compute it again may reuse it.
+        ``params`` is what :meth:`eval_params` returned for ``client``. PF2LoRA
+        reports its personal level's contribution here. ``metrics``, when given,
+        must be ``task.evaluate(model, params, client.data)``, already computed by
+        the caller: a diagnostic that would compute it again may reuse it.
         """
         return {}
 
@@ -213,12 +226,13 @@ class Algorithm:
         """p_k: 1 (``fed.weighting: uniform``, the paper's 1/M) or n_k (``examples``)."""
         return float(data.num_train) if self.cfg.fed.weighting == "examples" else 1.0
 
-    def contribution(
-        self, theta_t: Tensors, local: Local, data: ClientData
-    ) -> tuple[float, Tensors]:
-        """(weight p_k, delta_k = theta_k - theta_t) for the weighted FedAvg mean."""
-        delta = {k: local.theta[k] - theta_t[k] for k in theta_t}
-        return self.weight(data), delta
+    def contribution(self, client: ClientRound, local: Local) -> tuple[float, Tensors]:
+        """(weight p_k, delta_k = theta_k - theta_t) for the weighted FedAvg mean.
+
+        ``client`` is the round ``local`` came from: ``client.theta`` is theta_t.
+        """
+        delta = {k: local.theta[k] - client.theta[k] for k in client.theta}
+        return self.weight(client.data), delta
 
     # ------------------------------------------------ driver side
     def aggregate(
@@ -234,11 +248,25 @@ class Algorithm:
         }
 
     # ------------------------------------------------ helpers for subclasses
-    def batches(
-        self, task: Task, data: ClientData, ctx: RoundContext, stream: str | int = seeds.BATCHES
-    ) -> BatchStream:
-        """Client ``ctx.client_id``'s mini-batches for one purpose of the round."""
-        return BatchStream(task, data, self.cfg.data.batch_size, ctx.rng(stream))
+    def batches(self, client: ClientRound, stream: str | int = seeds.BATCHES) -> BatchStream:
+        """The client's mini-batches for one purpose (``stream``) of its round."""
+        return BatchStream(
+            client.task, client.data, self.cfg.data.batch_size, client.ctx.rng(stream)
+        )
+
+    def adamw(
+        self,
+        client: ClientRound,
+        params: Tensors,
+        names: list[str],
+        steps: int,
+        stream: str | int = seeds.BATCHES,
+    ) -> tuple[float, Tensors]:
+        """:func:`adamw_steps` on the client's batches of ``stream``, lr ``algorithm.lr``."""
+        return adamw_steps(
+            client.task, client.model, params, names, self.batches(client, stream), steps,
+            self.cfg.algorithm.lr, self.cfg.algorithm.weight_decay,
+        )
 
 
 def loss_and_grads(

@@ -26,15 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from pf2lora_ray.algorithms.base import (
-    Algorithm,
-    Local,
-    RoundContext,
-    Tensors,
-    register,
-)
+from pf2lora_ray.algorithms.base import Algorithm, ClientRound, Local, register
 from pf2lora_ray.config import Config, ConfigError
 from pf2lora_ray.tasks.base import ClientData, Task
 
@@ -99,18 +92,10 @@ class CentralizedLoRA(Algorithm):
         """A federated round's total: ``fed.clients_per_round x fed.local_steps``."""
         return self.cfg.fed.clients_per_round * self.cfg.fed.local_steps
 
-    def local_update(
-        self,
-        task: Task,
-        model: nn.Module,
-        theta: Tensors,
-        phi: Tensors,
-        data: ClientData,
-        ctx: RoundContext,
-    ) -> Local:
+    def local_update(self, client: ClientRound) -> Local:
         """The plain AdamW local update, on the pooled data instead of the trainer's own.
 
         The driver takes the one update whole: ``aggregate`` divides the summed
         contribution by its weight, whatever ``fed.weighting`` gives it.
         """
-        return super().local_update(task, model, theta, phi, self.pooled(task), ctx)
+        return super().local_update(dataclasses.replace(client, data=self.pooled(client.task)))

@@ -44,15 +44,8 @@ import torch
 from torch import nn
 
 from pf2lora_ray import seeds
-from pf2lora_ray.algorithms.base import (
-    AdamW,
-    Algorithm,
-    Local,
-    RoundContext,
-    Tensors,
-    register,
-)
-from pf2lora_ray.tasks.base import ClientData, Params, Task
+from pf2lora_ray.algorithms.base import AdamW, Algorithm, ClientRound, Local, Tensors, register
+from pf2lora_ray.tasks.base import Params
 
 RANK = "hetlora.rank"  # personal state: the client's current rank r_k, int64 (1,)
 TAIL = "hetlora.tail_norm"  # personal state: tail norm at the end of the last round, float64 (1,)
@@ -62,6 +55,11 @@ STATE = (RANK, TAIL)
 def client_rank(seed: int, client_id: int, r_min: int, r_max: int) -> int:
     """Client k's initial rank, uniform in [r_min, r_max], from (seed, client) only."""
     return int(seeds.rng(seed, seeds.HETLORA_RANK, client_id).integers(r_min, r_max + 1))
+
+
+def model_params(phi: Tensors) -> Tensors:
+    """The model parameters among a client's personal state (its rank and tail norm left out)."""
+    return {k: v for k, v in phi.items() if k not in STATE}
 
 
 def layers(names: list[str]) -> list[str]:
@@ -141,21 +139,13 @@ class HetLoRA(Algorithm):
             TAIL: torch.tensor([math.nan], dtype=torch.float64, device=device),
         }
 
-    def local_update(
-        self,
-        task: Task,
-        model: nn.Module,
-        theta: Tensors,
-        phi: Tensors,
-        data: ClientData,
-        ctx: RoundContext,
-    ) -> Local:
-        opts = self.cfg.hetlora
+    def local_update(self, client: ClientRound) -> Local:
+        opts, task, model, phi = self.cfg.hetlora, client.task, client.model, client.phi
         r = int(phi[RANK])
-        params = truncate({**theta, **{k: v for k, v in phi.items() if k not in STATE}}, r)
+        params = truncate({**client.theta, **model_params(phi)}, r)
         params = {k: v.detach() for k, v in params.items()}
         masks, names = rank_masks(params, r), sorted(params)
-        stream = self.batches(task, data, ctx)
+        stream = self.batches(client)
         opt = AdamW(self.cfg.algorithm.lr, self.cfg.algorithm.weight_decay)
         loss = float("nan")
         for _ in range(self.cfg.fed.local_steps):
@@ -176,33 +166,22 @@ class HetLoRA(Algorithm):
             TAIL: torch.full_like(phi[TAIL], tail if new_r == r else math.nan),
         }
         return Local(
-            {k: params[k] for k in theta},
-            {**{k: params[k] for k in phi if k not in STATE}, **state},
+            {k: params[k] for k in client.theta},
+            {**{k: params[k] for k in model_params(phi)}, **state},
             {"train_loss": loss, "rank": float(new_r)},
         )
 
-    def eval_params(
-        self,
-        task: Task,
-        model: nn.Module,
-        theta: Tensors,
-        phi: Tensors,
-        data: ClientData,
-        ctx: RoundContext,
-    ) -> Params:
-        personal = {k: v for k, v in phi.items() if k not in STATE}
-        return truncate({**theta, **personal}, int(phi[RANK]))
+    def eval_params(self, client: ClientRound) -> Params:
+        return truncate({**client.theta, **model_params(client.phi)}, int(client.phi[RANK]))
 
-    def contribution(
-        self, theta_t: Tensors, local: Local, data: ClientData
-    ) -> tuple[float, Tensors]:
+    def contribution(self, client: ClientRound, local: Local) -> tuple[float, Tensors]:
         """(S_k p_k, theta_k zero-padded to r_max): replaced, not added.
 
         S_k = ||Delta W_k||_F is HetLoRA's sparsity weight; p_k (``fed.weighting``)
         is 1 by default, n_k with ``examples``.
         """
         scaling = self.cfg.adapter.alpha / self.cfg.hetlora.r_max
-        return update_norm(local.theta, scaling) * self.weight(data), dict(local.theta)
+        return update_norm(local.theta, scaling) * self.weight(client.data), dict(local.theta)
 
     def aggregate(
         self, theta: dict[str, np.ndarray], summed: dict[str, np.ndarray], total_weight: float

@@ -15,35 +15,16 @@ training is unaffected.
 
 from __future__ import annotations
 
-from torch import nn
-
 from pf2lora_ray import seeds
-from pf2lora_ray.algorithms.base import Algorithm, RoundContext, Tensors, adamw_steps, register
-from pf2lora_ray.tasks.base import ClientData, Params, Task
+from pf2lora_ray.algorithms.base import Algorithm, ClientRound, register
+from pf2lora_ray.tasks.base import Params
 
 
 @register("homlora_ft")
 class HOMLoRAFinetune(Algorithm):
     """HOMLoRA training; evaluation after ``finetune.steps`` local AdamW steps."""
 
-    def eval_params(
-        self,
-        task: Task,
-        model: nn.Module,
-        theta: Tensors,
-        phi: Tensors,
-        data: ClientData,
-        ctx: RoundContext,
-    ) -> Params:
-        params = {**theta, **phi}
-        _, tuned = adamw_steps(
-            task,
-            model,
-            params,
-            sorted(params),
-            self.batches(task, data, ctx, seeds.FINETUNE),
-            self.cfg.finetune.steps,
-            self.cfg.algorithm.lr,
-            self.cfg.algorithm.weight_decay,
-        )
+    def eval_params(self, client: ClientRound) -> Params:
+        params, steps = client.params, self.cfg.finetune.steps
+        _, tuned = self.adamw(client, params, sorted(params), steps, seeds.FINETUNE)
         return tuned

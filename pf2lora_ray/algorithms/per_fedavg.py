@@ -31,19 +31,18 @@ received model on one train batch (a stream distinct from training's).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from pf2lora_ray import seeds
 from pf2lora_ray.algorithms.base import (
     AdamW,
     Algorithm,
+    ClientRound,
     Local,
-    RoundContext,
     Tensors,
     loss_and_grads,
     register,
 )
-from pf2lora_ray.tasks.base import ClientData, Params, Task
+from pf2lora_ray.tasks.base import Params
 
 
 @torch.no_grad()
@@ -56,20 +55,12 @@ def axpy(x: Tensors, y: Tensors, a: float) -> Tensors:
 class PerFedAvg(Algorithm):
     """MAML-style local steps (FO or HF) on the LoRA parameters, FedAvg on the driver."""
 
-    def local_update(
-        self,
-        task: Task,
-        model: nn.Module,
-        theta: Tensors,
-        phi: Tensors,
-        data: ClientData,
-        ctx: RoundContext,
-    ) -> Local:
-        opts = self.cfg.per_fedavg
+    def local_update(self, client: ClientRound) -> Local:
+        opts, task, model = self.cfg.per_fedavg, client.task, client.model
         alpha, beta = opts.lr_inner, self.cfg.algorithm.lr
         # Three batch streams of the round: inner step, outer gradient, Hessian-free product.
-        d, d1, d2 = (self.batches(task, data, ctx, s) for s in (0, 1, 2))
-        w = {k: v.detach() for k, v in {**theta, **phi}.items()}
+        d, d1, d2 = (self.batches(client, s) for s in (0, 1, 2))
+        w = {k: v.detach() for k, v in client.params.items()}
         names = sorted(w)
         loss = float("nan")
         adamw = AdamW(beta, self.cfg.algorithm.weight_decay) if opts.outer == "adamw" else None
@@ -84,18 +75,11 @@ class PerFedAvg(Algorithm):
                 hvp = {k: (g_plus[k] - g_minus[k]) / (2 * opts.delta) for k in names}
                 g = axpy(g, hvp, -alpha)
             w = adamw.step(w, g) if adamw else axpy(w, g, -beta)
-        return Local({k: w[k] for k in theta}, {k: w[k] for k in phi}, {"train_loss": loss})
+        theta, phi = {k: w[k] for k in client.theta}, {k: w[k] for k in client.phi}
+        return Local(theta, phi, {"train_loss": loss})
 
-    def eval_params(
-        self,
-        task: Task,
-        model: nn.Module,
-        theta: Tensors,
-        phi: Tensors,
-        data: ClientData,
-        ctx: RoundContext,
-    ) -> Params:
-        w = {k: v.detach() for k, v in {**theta, **phi}.items()}
-        batch = next(self.batches(task, data, ctx, seeds.EVAL_STEP))
-        _, g = loss_and_grads(task, model, w, sorted(w), batch)
+    def eval_params(self, client: ClientRound) -> Params:
+        w = {k: v.detach() for k, v in client.params.items()}
+        batch = next(self.batches(client, seeds.EVAL_STEP))
+        _, g = loss_and_grads(client.task, client.model, w, sorted(w), batch)
         return axpy(w, g, -self.cfg.per_fedavg.lr_inner)

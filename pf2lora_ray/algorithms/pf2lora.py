@@ -55,15 +55,15 @@ from pf2lora_ray import seeds
 from pf2lora_ray.algorithms.base import (
     AdamW,
     Algorithm,
+    ClientRound,
     Local,
     Partition,
-    RoundContext,
     Tensors,
     loss_and_grads,
     register,
 )
 from pf2lora_ray.lora import PERSONAL_FACTORS, SHARED_FACTORS, factor_names
-from pf2lora_ray.tasks.base import Batch, ClientData, Params, Task
+from pf2lora_ray.tasks.base import Batch, Params, Task
 
 # The four mini-batch streams of Algorithm 1, as purposes of the round's draws.
 PI, XI, XI_TILDE, ZETA = seeds.LOWER, seeds.UPPER, seeds.UPPER_TILDE, seeds.HVP
@@ -238,23 +238,15 @@ class PF2LoRA(Algorithm):
             return Partition(sorted(shared + head), personal)
         return Partition(shared, sorted(personal + head))
 
-    def local_update(
-        self,
-        task: Task,
-        model: nn.Module,
-        theta: Tensors,
-        phi: Tensors,
-        data: ClientData,
-        ctx: RoundContext,
-    ) -> Local:
-        opts = self.cfg.pf2lora
-        params, upper = split_state(phi), self.upper_optimizer(phi)
+    def local_update(self, client: ClientRound) -> Local:
+        opts, task, model, theta = self.cfg.pf2lora, client.task, client.model, client.theta
+        params, upper = split_state(client.phi), self.upper_optimizer(client.phi)
         second_order = opts.hypergrad == "unrolled"
         f_val = float("nan")
         if opts.estimator == "paper":
             # The first-order ablation uses only pi and xi: the other streams are not drawn.
             purposes = (PI, XI, XI_TILDE, ZETA) if second_order else (PI, XI)
-            streams = {p: self.batches(task, data, ctx, p) for p in purposes}
+            streams = {p: self.batches(client, p) for p in purposes}
             for _ in range(self.cfg.fed.local_steps):
                 batches = {p: next(s) for p, s in streams.items()}
                 f_val, h, params = paper_step(
@@ -263,8 +255,7 @@ class PF2LoRA(Algorithm):
                 )
                 theta = upper.step(theta, h)
         else:
-            lower = self.batches(task, data, ctx, PI)
-            upper_batches = self.batches(task, data, ctx, XI)
+            lower, upper_batches = self.batches(client, PI), self.batches(client, XI)
             for _ in range(self.cfg.fed.local_steps):
                 f_val, h, params = hypergradient(
                     task, model, theta, params, lower, next(upper_batches), opts.lower_steps,
@@ -285,24 +276,11 @@ class PF2LoRA(Algorithm):
                 setattr(opt, moment, saved)
         return opt
 
-    def eval_params(
-        self,
-        task: Task,
-        model: nn.Module,
-        theta: Tensors,
-        phi: Tensors,
-        data: ClientData,
-        ctx: RoundContext,
-    ) -> Params:
-        return {**theta, **split_state(phi)}
+    def eval_params(self, client: ClientRound) -> Params:
+        return {**client.theta, **split_state(client.phi)}
 
     def diagnostics(
-        self,
-        task: Task,
-        model: nn.Module,
-        params: Params,
-        data: ClientData,
-        metrics: dict[str, float] | None = None,
+        self, client: ClientRound, params: Params, metrics: dict[str, float] | None = None
     ) -> dict[str, float]:
         """The client's metrics with D_k = 0 (``<metric>.shared_only``) and ||C_k||, ||D_k||.
 
@@ -319,7 +297,7 @@ class PF2LoRA(Algorithm):
         else:
             off = {k: torch.zeros_like(v) if k.endswith(".lora_D") else v
                    for k, v in params.items()}
-            shared_only = task.evaluate(model, off, data)
+            shared_only = client.task.evaluate(client.model, off, client.data)
         out = {f"{m}.shared_only": v for m, v in shared_only.items() if m != "majority_accuracy"}
         for factor in ("C", "D"):
             sq = sum(float((v.double() ** 2).sum()) for k, v in params.items()
