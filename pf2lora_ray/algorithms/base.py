@@ -96,7 +96,8 @@ class ClientRound:
         theta: the shared state received this round (theta_t), by parameter name.
         phi: the client's personal state (model parameters and any extra state
             from :meth:`Algorithm.init_personal`).
-        data: the client's data.
+        data: the client's data. For :meth:`Algorithm.diagnostics`, the split being
+            scored stands in the ``test`` place (``ClientData.for_split``).
         ctx: the round's context; every random draw comes from it.
 
     Hooks read theta and phi and return new dicts and tensors; they never write
