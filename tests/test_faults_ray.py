@@ -8,6 +8,7 @@ clients are dropped from round R and system.parquet says so.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from pf2lora_ray.checkpoint import CheckpointWriter  # noqa: E402
+from pf2lora_ray.checkpoint import CheckpointWriter, restore_latest  # noqa: E402
 from pf2lora_ray.config import Config, load_config  # noqa: E402
 from pf2lora_ray.driver import DriverState, RoundReport, run_rounds, sample_clients  # noqa: E402
 from pf2lora_ray.results import ResultsWriter  # noqa: E402
+from pf2lora_ray.runtime.placement import static_blocks  # noqa: E402
 from pf2lora_ray.runtime.ray_backend import RayBackend  # noqa: E402
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "synthetic_rank.yaml"
@@ -44,18 +46,24 @@ def short_config(*sets: str) -> Config:
 
 
 class PersonalEachRound:
-    """Callback keeping every client's personal state and the training placement of each round."""
+    """Callback keeping, per round, every client's personal state, the training placement,
+    how many clients' state moved and each client's home actor at the end of the round."""
 
     def __init__(self) -> None:
         self.rounds: dict[int, dict] = {}
         self.placement: dict[int, list[list[int]]] = {}
+        self.moved: dict[int, int] = {}
+        self.home: dict[int, dict[int, int]] = {}
 
     def on_start(self, state: DriverState) -> None:
         pass
 
     def on_round_end(self, state: DriverState, report: RoundReport) -> None:
         self.rounds[report.round] = state.backend.get_personal()
-        self.placement[report.round] = state.backend.round_stats()["placement"]
+        stats = state.backend.round_stats()
+        self.placement[report.round] = stats["placement"]
+        self.moved[report.round] = stats["moved_clients"]
+        self.home[report.round] = dict(state.backend.home)
 
     def on_end(self, state: DriverState, status: str) -> None:
         pass
@@ -146,3 +154,34 @@ def test_exhausted_retries_drop_the_actors_clients_for_that_round(tmp_path):
     for k in sample_clients(cfg, 2):
         same = all(np.array_equal(before[k][n], after[k][n]) for n in before[k])
         assert same == (k in lost), k
+
+
+def test_resume_puts_clients_back_and_moves_only_what_an_uninterrupted_run_moves(tmp_path):
+    # An evaluation spreads every client evenly, which sends them back to their blocks; with
+    # the only one at round 5, round 4 ends with the clients where training left them.
+    cfg = short_config("fed.eval_every=5")
+    ref_rounds, ref_personal = run(cfg, tmp_path / "ref")
+    # A driver that crashed after round 4 left exactly this run's round-4 checkpoint.
+    ckpt = Path("checkpoints") / "round_000004"
+    shutil.copytree(tmp_path / "ref" / ckpt, tmp_path / "resumed" / ckpt)
+    latest = tmp_path / "resumed" / "checkpoints" / "latest.json"
+    latest.write_text('{"round": 4, "dir": "round_000004"}')
+    blocks = {k: i for i, block in enumerate(static_blocks(10, 2)) for k in block}
+    assert ref_rounds.home[4] != blocks  # clients had moved: the blocks would place round 5 anew
+    backend = RayBackend(cfg)
+    resumed = PersonalEachRound()
+    try:
+        theta, done = restore_latest(tmp_path / "resumed", cfg, backend)
+        assert done == 4 and backend.home == ref_rounds.home[4]
+        held = ray.get([a.held.remote() for a in backend.actors])
+        assert held == [backend.clients_of(i) for i in range(2)]  # each state on its home actor
+        run_rounds(cfg, backend, [resumed], theta=theta, start_round=5)
+        personal = backend.get_personal()
+    finally:
+        backend.close()
+    assert resumed.placement[5] == ref_rounds.placement[5]
+    assert resumed.moved[5] == ref_rounds.moved[5]
+    assert resumed.home[5] == ref_rounds.home[5]
+    for k, arrays in ref_personal.items():
+        for name, value in arrays.items():
+            np.testing.assert_allclose(personal[k][name], value, rtol=1e-6, atol=1e-9)

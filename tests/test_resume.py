@@ -134,6 +134,29 @@ def test_truncated_checkpoint_is_refused(tmp_path, reference, capsys):
     assert contents(out / "metrics.parquet") == before
 
 
+def test_damaged_placement_is_refused(tmp_path, reference, capsys):
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    # Client 3's home is actor 7 of 2: no actor can take its state back.
+    home = np.zeros(10, np.int64)
+    home[3] = 7
+    placement = {"home": home, "actors": np.array([2]), "measured_clients": np.zeros(0, np.int64)}
+    placement["measured_s"] = np.zeros(0)
+    save_file(placement, str(out / "checkpoints" / latest["dir"] / "placement.safetensors"))
+    before = contents(out / "metrics.parquet")
+    assert main([*run_args(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "placement.safetensors" in err and "not a placement of 10 clients" in err
+    assert len(err.strip().splitlines()) == 1
+    assert contents(out / "metrics.parquet") == before
+
+
 def test_unwritable_output_folder_exits_2(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

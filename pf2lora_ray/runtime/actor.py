@@ -136,11 +136,16 @@ class ClientActor:
         self.armed = self.armed or complete
 
     def restore(self, client_ids: Sequence[int], *snapshots: States | None) -> None:
-        """Hold exactly ``client_ids``, each from the snapshots (absent: its initial state)."""
+        """Hold exactly ``client_ids``, each from the snapshots (absent: its initial state).
+
+        Other clients' data is dropped too, as :meth:`take_state` drops it.
+        """
         states = merged(snapshots)
         self.host.personal.clear()
         self.host.put_state({k: states[k] for k in client_ids if k in states})
         self.host.client_ids = sorted(int(k) for k in client_ids)
+        for k in set(self.host.data) - set(self.host.client_ids):
+            del self.host.data[k]
         self.armed = True
 
     def held(self) -> list[int]:

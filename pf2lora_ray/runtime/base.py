@@ -41,6 +41,12 @@ class Backend(Protocol):
     def set_personal(self, states: dict[int, Arrays]) -> None:
         """Restore personal state (from a checkpoint)."""
 
+    def placement_state(self) -> Arrays:
+        """Which actor is home to which client, as arrays for a checkpoint (empty: no actors)."""
+
+    def restore_placement(self, saved: Arrays) -> bool:
+        """Make a checkpoint's placement current (before :meth:`set_personal`); False: kept own."""
+
     def peak_rss_mb(self) -> float:
         """Peak RSS summed over the processes that hold clients."""
 

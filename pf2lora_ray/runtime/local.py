@@ -50,6 +50,12 @@ class LocalBackend:
     def set_personal(self, states: dict[int, Arrays]) -> None:
         self.host.set_personal(states)
 
+    def placement_state(self) -> Arrays:
+        return {}  # one host holds every client
+
+    def restore_placement(self, saved: Arrays) -> bool:
+        return False
+
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()
 

@@ -241,6 +241,51 @@ class RayBackend:
         return dict(sorted(states.items()))
 
     # ------------------------------------------------------------ placement
+    def placement_state(self) -> Arrays:
+        """Where the clients are, for a checkpoint (:meth:`restore_placement` reads it back).
+
+        Returns:
+            ``home`` (int64, one entry per client: the actor holding its state),
+            ``actors`` (int64 (1,): how many actors there are), and the measured
+            seconds of ``placement="measured"`` as ``measured_clients`` (int64)
+            and ``measured_s`` (float64), empty otherwise.
+        """
+        ids = sorted(self.measured)
+        return {
+            "home": np.array([self.home[k] for k in range(self.cfg.fed.num_clients)], np.int64),
+            "actors": np.array([self.num_actors], np.int64),
+            "measured_clients": np.array(ids, np.int64),
+            "measured_s": np.array([self.measured[k] for k in ids], np.float64),
+        }
+
+    def restore_placement(self, saved: Arrays) -> bool:
+        """Make a checkpoint's placement current; call before :meth:`set_personal` on resume.
+
+        Each actor is told exactly which clients it is home to. No state moves:
+        right after start no actor has used any, and :meth:`set_personal` then
+        sends each client's state to its restored home.
+
+        Args:
+            saved: :meth:`placement_state` as a checkpoint holds it (checked there:
+                one home per client, each below the actor count); empty for none.
+
+        Returns:
+            False, keeping the static blocks, when ``saved`` is empty or was
+            written for another number of actors (a resume on another cluster:
+            results do not depend on placement, only which state moves does).
+        """
+        if not saved or int(saved["actors"][0]) != self.num_actors:
+            return False
+        self.home = {k: int(i) for k, i in enumerate(saved["home"].tolist())}
+        ids, seconds = saved["measured_clients"].tolist(), saved["measured_s"].tolist()
+        self.measured = dict(zip(ids, seconds, strict=True))
+        self.recovery.gather_all(
+            range(self.num_actors),
+            lambda i, first: self.actors[i].restore.remote(self.clients_of(i)),
+            "restore placement",
+        )
+        return True
+
     def _plan(self, client_ids: Sequence[int]) -> place.Plan:
         ids = sorted(int(k) for k in client_ids)
         unknown = [k for k in ids if k not in self.home]
