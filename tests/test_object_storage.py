@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from pf2lora_ray.cli import main
 from pf2lora_ray.config import load_config
 from pf2lora_ray.faults import CRASH_EXIT_CODE
 from pf2lora_ray.storage import location
+from tests.helpers import cli_process, synthetic_run_args
 
 SETS = [
     "runtime.backend=local",
@@ -35,17 +35,11 @@ TABLES = ("metrics", "ranks", "system")
 
 
 def run_args(out: str | Path, *extra: str) -> list[str]:
-    sets = [x for s in [*SETS, *extra] for x in ("--set", s)]
-    return ["run", "jobs/synthetic_rank.yaml", "--quiet", "--out", str(out), *sets]
+    return synthetic_run_args(out, *SETS, *extra)
 
 
 def pf2lora(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pf2lora_ray.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return cli_process(*args, timeout=timeout)
 
 
 def table(where: str | Path, name: str) -> pd.DataFrame:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
 from pf2lora_ray.cli import main
 from pf2lora_ray.faults import CRASH_EXIT_CODE
+from tests.helpers import cli_process, synthetic_run_args
 
 SETS = [
     "runtime.backend=local",
@@ -23,17 +23,11 @@ SETS = [
 
 
 def pf2lora(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pf2lora_ray.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return cli_process(*args, timeout=300)
 
 
 def run_args(out, *extra):
-    sets = [x for s in [*SETS, *extra] for x in ("--set", s)]
-    return ["run", "jobs/synthetic_rank.yaml", "--quiet", "--out", str(out), *sets]
+    return synthetic_run_args(out, *SETS, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,6 @@ for bit.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,7 +17,7 @@ from pf2lora_ray.client import ClientHost
 from pf2lora_ray.experiment import run_experiment
 from pf2lora_ray.faults import CRASH_EXIT_CODE
 from pf2lora_ray.state_store import StateCorrupted, StateStore
-from tests.helpers import tiny_synthetic
+from tests.helpers import cli_process, synthetic_run_args, tiny_synthetic
 
 BOUND = "runtime.state_memory_mb=0.004"  # ~4 KB: two or three clients' state of the tiny job
 SETS = [
@@ -141,8 +138,7 @@ def test_clients_handed_over_from_disk_train_on_bit_identically():
 
 
 def run_args(out, *extra):
-    sets = [x for s in [*SETS, *extra] for x in ("--set", s)]
-    return ["run", "jobs/synthetic_rank.yaml", "--quiet", "--out", str(out), *sets]
+    return synthetic_run_args(out, *SETS, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -179,11 +175,7 @@ def test_checkpoint_and_resume_with_spilled_clients_equal_the_run_without_a_cras
     tmp_path, reference
 ):
     out = tmp_path / "run"
-    crashed = subprocess.run(
-        [sys.executable, "-m", "pf2lora_ray.cli",
-         *run_args(out, BOUND, "faults.crash_driver_at_round=3")],
-        capture_output=True, text=True, timeout=900,
-    )
+    crashed = cli_process(*run_args(out, BOUND, "faults.crash_driver_at_round=3"))
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr
     assert main([*run_args(out, BOUND), "--resume"]) == 0
     want, got = tables(reference), tables(out)
