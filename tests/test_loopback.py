@@ -45,8 +45,12 @@ def is_loopback(ip: str) -> bool:
     return (mapped or addr).is_loopback
 
 
-def test_embedded_ray_listens_on_loopback_only():
+@pytest.mark.parametrize("env_address", [None, "local"])  # the study driver sets local
+def test_embedded_ray_listens_on_loopback_only(env_address, monkeypatch):
     ray.shutdown()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if env_address:
+        monkeypatch.setenv("RAY_ADDRESS", env_address)
     cfg = load_config(JOB, ["runtime.quiet=true"])
     assert start_ray(cfg)
     try:

@@ -20,17 +20,29 @@ this is noticed.
 
 A Ray cluster (``--address``) is Ray's own: its nodes listen on all interfaces
 and token authentication guards them (README, "Running on a Ray cluster").
+``RAY_ADDRESS=local`` (Ray's word for "start a new local instance", which the study
+driver sets so that each tune starts its own) gets the embedded Ray too: a plain
+``ray.init(address="local")`` would listen on every interface.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import ray
 
 LOOPBACK = "127.0.0.1"
+NEW_LOCAL = "local"  # Ray's address for "start a new local instance"
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The Ray cluster to connect to: ``address``, else RAY_ADDRESS; None means start an
+    embedded local Ray (:func:`init_embedded`), as does Ray's ``local``."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == NEW_LOCAL else address
 
 
 @contextlib.contextmanager

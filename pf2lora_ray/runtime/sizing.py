@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +21,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pf2lora_ray.config import Config, ConfigError
-from pf2lora_ray.runtime.loopback import init_embedded
+from pf2lora_ray.runtime.loopback import cluster_address, init_embedded
 
 _EPS = 1e-9  # fractional resources: 1.0 / 0.1 must count as 10 actors, not 9
 # Ray's start-up notices (e.g. that token authentication is on) that --quiet keeps
@@ -56,7 +55,7 @@ def start_ray(cfg: Config) -> bool:
         "log_to_driver": not quiet,
         "logging_level": logging.WARNING if quiet else logging.INFO,
     }
-    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg.runtime.address)
     with _notices_silenced(quiet):
         if address:
             ray.init(address=address, **common)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from pf2lora_ray import seeds
 from pf2lora_ray.config import Config, FedConfig, read_yaml
 from pf2lora_ray.results import write_text
-from pf2lora_ray.runtime.loopback import init_embedded
+from pf2lora_ray.runtime.loopback import cluster_address, init_embedded
 from pf2lora_ray.storage import Location, check_folder, location
 from pf2lora_ray.tune.outputs import (
     TRIALS_FILE,
@@ -38,7 +37,7 @@ def _start_ray(cfg: Config) -> bool:
     """Reuse an initialised Ray, else connect/start one; returns whether we started it."""
     if ray.is_initialized():
         return False
-    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(cfg.runtime.address)
     if address:
         ray.init(address=address, include_dashboard=cfg.runtime.dashboard)
     else:  # every server on 127.0.0.1; token authentication stays Ray's default (on)
