@@ -177,6 +177,18 @@ def test_the_data_check_counts_per_split_the_examples_max_length_cuts(tmp_path, 
     assert capsys.readouterr().err == ""
 
 
+def test_without_validation_entries_the_data_check_reports_no_val_share(tmp_path, capsys):
+    df = table(10)
+    path = write(df, tmp_path / "train.csv")
+    cfg = cfg_for(path, **{"data.max_length": 40, "data.val_fraction": 0.0})
+    report = Text2TextTask(cfg).check_data()
+    assert "truncated.val" not in report and "prompt_cut.val" not in report
+    assert report["truncated.test"] > 0.05  # so the line is printed
+    validate_run(cfg)
+    line = capsys.readouterr().err
+    assert "of test" in line and "of val" not in line
+
+
 @pytest.mark.parametrize(
     ("extra", "error", "match"),
     [

@@ -150,8 +150,8 @@ class GenerationTask:
                 np.array([len(x) for x in ids], dtype=np.int64) for ids in self._encode(pairs)
             )
             needed[split] = np.maximum(2 * prompt, prompt + target)
-            cut = float(np.mean(2 * prompt > limit)) if prompt.size else 0.0
-            prompt_cut[f"prompt_cut.{split}"] = cut
+            if prompt.size:  # an empty split (no validation entries) has no share
+                prompt_cut[f"prompt_cut.{split}"] = float(np.mean(2 * prompt > limit))
         return {**truncation(needed, limit), **prompt_cut}
 
     def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:

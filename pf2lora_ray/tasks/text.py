@@ -223,12 +223,14 @@ def truncation(lengths: dict[str, np.ndarray], max_length: int) -> dict[str, flo
 
     Returns:
         ``truncated.<split>``: the share of the split's examples longer than
-        ``max_length`` (0 for an empty split), and ``length_p95``: the length that
-        keeps 95% of all examples whole.
+        ``max_length`` (no key for an empty split, e.g. ``val`` when
+        ``data.val_fraction`` is 0), and ``length_p95``: the length that keeps 95% of
+        all examples whole.
     """
     report = {
-        f"truncated.{split}": float(np.mean(n > max_length)) if n.size else 0.0
+        f"truncated.{split}": float(np.mean(n > max_length))
         for split, n in lengths.items()
+        if n.size
     }
     every = np.concatenate(list(lengths.values()) or [np.zeros(0)])
     report["length_p95"] = float(np.ceil(np.quantile(every, 0.95))) if every.size else 0.0
