@@ -18,9 +18,10 @@ What a user does on a fresh Ray cluster, with every node a separate process tree
    actors must have run on two different nodes (Ray's state API), and
    ``pf2lora report s3://...`` must write a tune report;
 7. the run job again, and once round 3's results are in the bucket the
-   processes of the first worker node are killed (SIGKILL to each): Ray
-   restarts the actors on the other node and the backend replays from the
-   checkpoint.
+   processes of a worker node that holds one of its client actors are killed
+   (SIGKILL to each): Ray restarts the actor on the other node and the backend
+   replays from the checkpoint; the run must record the fault (a kill that
+   lands after the last round would prove nothing).
 
 Both run jobs' results must equal an in-process run of the same config (the
 local backend); the bench raises if they do not. Rows: seconds per step.
@@ -170,12 +171,12 @@ def nodes_up(python: Path, address: str, env: dict[str, str], nodes: list[Node])
     return alive_nodes(python, address, env)
 
 
-def wait_for(what: str, check: Any, timeout: float) -> float:
+def wait_for(what: str, check: Any, timeout: float, poll: float = 2.0) -> float:
     start = time.perf_counter()
     while not check():
         if time.perf_counter() - start > timeout:
             raise TimeoutError(f"bench cluster: {what} did not happen within {timeout:.0f} s")
-        time.sleep(2)
+        time.sleep(poll)
     return time.perf_counter() - start
 
 
@@ -231,27 +232,24 @@ TUNE_SPACE = {
 }
 
 
-def trial_nodes(python: Path, dashboard: str, env: dict[str, str]) -> set[str]:
-    """Node ids of every Tune trainable actor the cluster ran (alive or finished).
-
-    Ray's state API, asked at the dashboard's URL (without an address it looks for
-    "the" local Ray and finds several on this machine).
+def actors(python: Path, dashboard: str, env: dict[str, str], cls: str, field: str) -> list:
+    """``field`` (node_id, pid, ...) of every actor of class ``cls`` the cluster ran
+    (``ALIVE`` ones only for ``pid``), from Ray's state API at the dashboard's URL
+    (without an address it looks for "the" local Ray and finds several on this machine).
     """
+    alive = ", ('state', '=', 'ALIVE')" if field == "pid" else ""
     code = (
         "import json; from ray.util.state import list_actors;"
-        f"acts = list_actors(address={dashboard!r},"
-        " filters=[('class_name', '=', 'ImplicitFunc')], limit=10000,"
-        " detail=True, raise_on_missing_output=False);"
-        "print(json.dumps(sorted({a.node_id for a in acts})))"
+        f"acts = list_actors(address={dashboard!r}, filters=[('class_name', '=', {cls!r}){alive}],"
+        " limit=10000, detail=True, raise_on_missing_output=False);"
+        f"print(json.dumps(sorted({{a.{field} for a in acts}})))"
     )
     done = subprocess.run(
         [str(python), "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     if done.returncode != 0:
-        raise RuntimeError(
-            f"bench cluster: listing the trials' actors failed: {done.stderr[-800:]}"
-        )
-    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"bench cluster: listing {cls} actors failed: {done.stderr[-800:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def tune_across_nodes(
@@ -279,7 +277,7 @@ def tune_across_nodes(
         metrics = (location(out) / "trials" / trial_id / "metrics.parquet").read_parquet()
         if metrics["round"].max() != rounds:
             raise AssertionError(f"{out}/trials/{trial_id}: not every round is in the bucket")
-    nodes = trial_nodes(python, dashboard, env)
+    nodes = actors(python, dashboard, env, "ImplicitFunc", "node_id")  # Tune's trainables
     if len(trials) != 2 or len(nodes) != 2:
         raise AssertionError(f"{len(trials)} trials on {len(nodes)} nodes, expected 2 on 2")
     if main(["report", out]) != 0 or "Tune report" not in (location(out) / "report.md").read_text():
@@ -364,15 +362,26 @@ def run(quick: bool, out: Path) -> list[dict[str, Any]]:
                 submit_args(python, dashboard, wheel, faulty, wait=True),
                 env=env, cwd=repo_root(),
             )  # fmt: skip
+            # The node to kill is one that holds a client actor (SPREAD puts one on each).
+            pids: list[int] = []
+
+            def found() -> bool:
+                pids[:] = actors(python, dashboard, env, "ClientActor", "pid")
+                return bool(pids)
+
+            wait_for("the second job's client actors", found, 600)
+            victim = next(n for n in nodes[1:] if set(n.pids()) & set(pids))
             part = location(faulty) / "metrics.parquet" / f"part-{KILL_AFTER_ROUND:06d}.parquet"
-            wait_for(f"round {KILL_AFTER_ROUND} of the second job", part.exists, 900)
-            nodes[1].kill()
+            wait_for(f"round {KILL_AFTER_ROUND} of the second job", part.exists, 900, poll=0.2)
+            victim.kill()
             if job.wait(timeout=900) != 0:
                 raise RuntimeError(f"the job whose worker node was killed failed (see {work})")
             times["job_with_node_killed_s"] = time.perf_counter() - start
             equal_results(faulty, reference)
             faults = (location(faulty) / "system.parquet").read_parquet()["faults"]
             times["faults_recorded"] = float(sum(len(f) for f in faults))
+            if not times["faults_recorded"]:
+                raise AssertionError(f"{faulty}: no fault recorded, the kill missed the run")
         finally:
             for node in reversed(nodes):
                 node.kill()
