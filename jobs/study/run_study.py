@@ -298,7 +298,11 @@ class Study:
     def run(self, task: str, job: Path) -> None:
         folder = self.out / "runs" / task
         argv = [*PF2LORA, "run", str(job), "--out", str(folder), *self.extra_sets(task)]
-        if folder.exists():
+        # Resume only a seed job that has started: the folder also holds the seed-0
+        # runs copied from the searches, which are not runs of this job (and
+        # `pf2lora run --resume` refuses a folder that holds none of the job's runs).
+        started = [p for p in folder.glob("*/runs.parquet") if not p.parent.name.endswith("-s0")]
+        if started:
             argv.append("--resume")
         self.command(argv, "run", task)
 
