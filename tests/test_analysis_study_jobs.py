@@ -131,3 +131,19 @@ def test_dry_run_prints_tune_run_report(tmp_path: Path) -> None:
         done.stdout
     )
     assert not out.exists()
+
+
+def test_seed_job_resumes_only_once_one_of_its_runs_exists(tmp_path: Path, monkeypatch) -> None:
+    """The copied seed-0 runs are not the seed job's: `pf2lora run --resume` would refuse."""
+    study = driver.Study(driver.parse_args(["--out", str(tmp_path)]))
+    seen: list[list[str]] = []
+    monkeypatch.setattr(study, "command", lambda argv, *_: seen.append(argv))
+    runs = tmp_path / "runs" / "sst2"
+    for name in ("homlora-s0", "pf2lora-s0"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "runs.parquet").write_bytes(b"")
+    study.run("sst2", tmp_path / "jobs" / "sst2.yaml")
+    (runs / "homlora-s1").mkdir()
+    (runs / "homlora-s1" / "runs.parquet").write_bytes(b"")
+    study.run("sst2", tmp_path / "jobs" / "sst2.yaml")
+    assert ["--resume" in argv for argv in seen] == [False, True]
