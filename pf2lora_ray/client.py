@@ -12,7 +12,12 @@ into a checkpoint or to another host. It lives in a
 :class:`~pf2lora_ray.state_store.StateStore`, which keeps at most
 ``runtime.state_memory_mb`` of it in memory and spills the rest to disk; with
 that bound set, a client's data is also built only while it is trained or
-evaluated (:class:`ClientDataCache`), so memory does not grow with the clients.
+evaluated (:class:`~pf2lora_ray.data.cache.ClientDataCache`), so memory does not
+grow with the clients.
+
+A host given its clients' rows of the data (:class:`~pf2lora_ray.tasks.base.Rows`,
+drawn once by the driver's data check) builds their data from those rows only; a
+client handed to another host takes its rows along (:meth:`ClientHost.hand_over`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 import psutil
@@ -30,6 +36,7 @@ from pf2lora_ray import seeds
 from pf2lora_ray.algorithms import ALGORITHMS
 from pf2lora_ray.algorithms.base import ClientRound, RoundContext, Tensors
 from pf2lora_ray.config import Config
+from pf2lora_ray.data.cache import ClientDataCache
 from pf2lora_ray.lora import (
     DEFAULT_TARGETS,
     PERSONAL_FACTORS,
@@ -41,8 +48,16 @@ from pf2lora_ray.lora import (
 from pf2lora_ray.rank import energy_rank, factored_singular_values, threshold_rank, update_factors
 from pf2lora_ray.state_store import StateStore
 from pf2lora_ray.tasks import task_for
+from pf2lora_ray.tasks.base import ClientRows
 
 Arrays = dict[str, np.ndarray]
+
+
+class Handover(NamedTuple):
+    """Clients moving to another host: their personal state (none yet: absent) and rows."""
+
+    states: dict[int, Arrays]
+    rows: ClientRows | None
 
 
 @dataclass
@@ -119,9 +134,19 @@ class ClientHost:
         client_ids: the clients this host serves, for the whole run.
         device: where the model and adapters live (default: CUDA if visible and
             the config asks for GPUs, else CPU).
+        rows: the rows of (at least) ``client_ids`` (the driver's
+            ``Task.client_rows``): the host then builds its clients' data from them
+            and never draws the partition. None: the task draws it, or generates the
+            data from (seed, client).
     """
 
-    def __init__(self, cfg: Config, client_ids: Sequence[int], device: str | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        client_ids: Sequence[int],
+        device: str | None = None,
+        rows: ClientRows | None = None,
+    ):
         self.cfg = cfg
         self.client_ids = sorted(int(k) for k in client_ids)
         if device is None:
@@ -133,7 +158,7 @@ class ClientHost:
         self.model = build_adapted_model(cfg, self.task, self.algorithm).to(self.device)
         self.roles = self.algorithm.partition(self.model, self.task.head_names(self.model))
         bound = cfg.runtime.state_memory_mb
-        self.data = ClientDataCache(self.task, self.client_ids, on_demand=bound > 0)
+        self.data = ClientDataCache(self.task, self.client_ids, bound > 0, rows)
         self.personal = StateStore(int(bound * 2**20), cfg.runtime.state_dir, str(self.device))
         # Per adapted layer: (name, module, [(factor name, the model's tensor)]), for ranks.
         self._factors: list | None = None
@@ -184,9 +209,18 @@ class ClientHost:
                 out[int(k)] = _to_numpy(state)
         gone = {int(k) for k in client_ids}
         self.client_ids = [k for k in self.client_ids if k not in gone]
-        for k in gone:
-            self.data.pop(k, None)
+        self.data.drop(gone)
         return out
+
+    def hand_over(self, client_ids: Sequence[int]) -> Handover:
+        """:meth:`take_state` of ``client_ids`` with their rows, for :meth:`take_over`."""
+        rows = self.data.rows_of(client_ids)
+        return Handover(self.take_state(client_ids), rows)
+
+    def take_over(self, handed: Handover) -> None:
+        """Serve the clients of a :meth:`hand_over`: their rows, then their state."""
+        self.data.add_rows(handed.rows)
+        self.put_state(handed.states)
 
     def put_state(self, states: dict[int, Arrays]) -> None:
         """Take over clients handed over by :meth:`take_state`; this host is now their home."""
@@ -304,37 +338,6 @@ class ClientHost:
                 }
             )
         return rows
-
-
-class ClientDataCache(dict):
-    """Client id -> its data, built by the task (read or generated from the seed).
-
-    Held for the whole run (the host's first clients' at build, any other
-    client's on first use), or, ``on_demand``, only for the clients of the
-    current call: :meth:`hold` then drops every other client's data, so memory
-    holds one call's clients' data, not the population's.
-    """
-
-    def __init__(self, task, client_ids: Sequence[int], on_demand: bool = False) -> None:
-        super().__init__({} if on_demand else task.client_data(client_ids))
-        self.task, self.on_demand = task, on_demand
-
-    def __missing__(self, client_id: int):
-        self[client_id] = self.task.client_data([client_id])[client_id]
-        return self[client_id]
-
-    def hold(self, client_ids: Sequence[int]) -> None:
-        """Have the data of every client in ``client_ids`` (one task call for those missing).
-
-        On demand, every other client's data is dropped first.
-        """
-        wanted = {int(k) for k in client_ids}
-        if self.on_demand:
-            for k in [k for k in self if k not in wanted]:
-                del self[k]
-        missing = sorted(wanted - self.keys())
-        if missing:
-            self.update(self.task.client_data(missing))
 
 
 def _to_numpy(tensors: Tensors) -> Arrays:

@@ -18,24 +18,29 @@ from pf2lora_ray.results import RESULT_FILES, ResultsWriter
 from pf2lora_ray.runtime.address import check_address
 from pf2lora_ray.runtime.base import Backend
 from pf2lora_ray.storage import Location, check_folder, location
-from pf2lora_ray.validate import UsageError, unwrap, validate_run
+from pf2lora_ray.tasks.base import ClientRows
+from pf2lora_ray.validate import DataCheck, UsageError, unwrap, validate_run
 
 __all__ = ["BACKENDS", "UsageError", "check_out_dir", "holds_run", "preflight", "run_experiment"]
 
 
-def _local(cfg: Config) -> Backend:
+def _local(cfg: Config, rows: ClientRows | None) -> Backend:
     from pf2lora_ray.runtime.local import LocalBackend
 
-    return LocalBackend(cfg)
+    return LocalBackend(cfg, rows)
 
 
-def _ray(cfg: Config) -> Backend:
+def _ray(cfg: Config, rows: ClientRows | None) -> Backend:
     from pf2lora_ray.runtime.ray_backend import RayBackend
 
-    return RayBackend(cfg)
+    return RayBackend(cfg, rows=rows)
 
 
-BACKENDS: dict[str, Callable[[Config], Backend]] = {"local": _local, "ray": _ray}
+# name -> backend(cfg, every client's rows of the split, or None: hosts draw them)
+BACKENDS: dict[str, Callable[[Config, ClientRows | None], Backend]] = {
+    "local": _local,
+    "ray": _ray,
+}
 
 
 class Progress:
@@ -113,19 +118,20 @@ def run_experiment(
     extra_callbacks: Sequence[Callback] = (),
     variant: str = "",
     validate: bool = True,
-    data_check: dict[str, float] | None = None,
+    data_check: DataCheck | None = None,
 ) -> DriverState:
     """Run ``cfg`` writing results to ``out`` (a local folder or a URI); returns the final state.
 
     ``variant`` labels the run in a sweep (runs.parquet ``variant`` column).
     The run is checked first (:func:`pf2lora_ray.validate.validate_run`: registry
     names, data, partition) unless ``validate`` is False or the caller hands in
-    the check's report as ``data_check`` (recorded in runs.parquet either way).
+    the check as ``data_check``. Its report is recorded in runs.parquet and its
+    partition handed to the hosts; without a check, each host draws the partition.
     If bad input still stops the run before its first round (an error raised in
     an actor), a folder this call created is removed again.
     """
-    if data_check is None:
-        data_check = validate_run(cfg) if validate else {}
+    if data_check is None and validate:
+        data_check = validate_run(cfg)
     if cfg.runtime.backend not in BACKENDS:
         raise ConfigError(f"runtime.backend: unknown backend {cfg.runtime.backend!r}")
     out = preflight(cfg, out)
@@ -163,9 +169,10 @@ def _run(
     resume: bool,
     extra_callbacks: list[Callback],
     variant: str,
-    data_check: dict[str, float],
+    data_check: DataCheck | None,
 ) -> DriverState:
-    backend = BACKENDS[cfg.runtime.backend](cfg)
+    report, rows = data_check or DataCheck({})
+    backend = BACKENDS[cfg.runtime.backend](cfg, rows)
     try:
         theta, start, resume_round = None, 1, None
         if resume:
@@ -173,7 +180,7 @@ def _run(
 
             theta, resume_round = restore_latest(out, cfg, backend)
             start = resume_round + 1
-        callbacks: list[Callback] = [ResultsWriter(out, cfg, resume_round, variant, data_check)]
+        callbacks: list[Callback] = [ResultsWriter(out, cfg, resume_round, variant, report)]
         callbacks += _checkpoint_callbacks(cfg, out)
         if not cfg.runtime.quiet:
             callbacks.append(Progress(cfg))

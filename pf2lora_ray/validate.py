@@ -8,7 +8,9 @@ this module checks what needs the registries and the data:
   it is built (``data.task``, ``data.path``, ``model.name``);
 - the data: the file exists and parses, labels are in the task's label set, and
   the split partitions over all ``fed.num_clients`` clients (no client too small),
-  via :meth:`Task.check_data <pf2lora_ray.tasks.base.Task.check_data>`.
+  via :meth:`Task.check_data <pf2lora_ray.tasks.base.Task.check_data>`. The check
+  keeps that partition (every client's rows, :class:`DataCheck`): the run hands
+  each host only its own clients' rows, so no host reads or partitions the split.
 
 Every failure raises one of :data:`BAD_INPUT` naming the key, file or row and
 what would be right. :func:`one_line` turns such an error, even one that comes
@@ -18,8 +20,8 @@ the single line the command line prints.
 Example::
 
     runs = validate_job(read_yaml("jobs/compare_sst2.yaml"))   # every sweep variant
-    for variant, cfg in runs:
-        run_experiment(cfg, out / variant.folder, variant=variant.label, validate=False)
+    for variant, cfg, data in runs:
+        run_experiment(cfg, out / variant.folder, variant=variant.label, data_check=data)
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pf2lora_ray.config import Config, ConfigError, Variant, build_config, expand_job, to_dict
+
+if TYPE_CHECKING:
+    from pf2lora_ray.tasks.base import ClientRows
 
 
 class UsageError(ValueError):
@@ -74,23 +79,38 @@ def _data_key(cfg: Config) -> str:
     return repr((d["seed"], d["model"], d["data"], d["synthetic"], d["fed"]["num_clients"]))
 
 
+class DataCheck(NamedTuple):
+    """What checking a run's data found, kept for the run.
+
+    Attributes:
+        report: ``Task.check_data``'s measures (``{}`` when there are none), which
+            the run records in runs.parquet as ``data_check.*`` columns.
+        rows: every client's rows of the split (``Task.client_rows``), drawn once
+            here and handed to the hosts; None for a task that generates each
+            client's data from (seed, client).
+    """
+
+    report: dict[str, float]
+    rows: ClientRows | None = None
+
+
 class CheckedRun(NamedTuple):
-    """One run of a job, checked: its sweep variant, config and data-check report."""
+    """One run of a job, checked: its sweep variant, config and data check."""
 
     variant: Variant
     cfg: Config
-    data: dict[str, float]
+    data: DataCheck
 
 
-def validate_run(cfg: Config, _checked: dict[str, dict[str, float]] | None = None) -> dict:
+def validate_run(cfg: Config, _checked: dict[str, DataCheck] | None = None) -> DataCheck:
     """Check names and data of one run (see the module docstring).
 
     When ``data.max_length`` cuts more than 5% of a split's examples, one line on
-    stderr says so and names the length that keeps 95% whole.
+    stderr says so and names the length that keeps 95% whole. Runs whose data
+    check depends on the same keys share one check through ``_checked``.
 
     Returns:
-        The data check's report (``Task.check_data``; ``{}`` when it measures nothing),
-        which the run records in runs.parquet as ``data_check.*`` columns.
+        The report and the partition (:class:`DataCheck`).
 
     Raises:
         ConfigError, DataError, PartitionError: the first problem found.
@@ -103,13 +123,16 @@ def validate_run(cfg: Config, _checked: dict[str, dict[str, float]] | None = Non
     if _checked is not None and key in _checked:
         return _checked[key]
     # Building the task checks data.task, data.path, model.name.
-    report = task_for(cfg).check_data() or {}
+    task = task_for(cfg)
+    report = task.check_data() or {}
+    # The task keeps the partition the check drew: this does not draw it again.
+    check = DataCheck(report, task.client_rows(range(cfg.fed.num_clients)))
     line = truncation_line(report, cfg.data.max_length)
     if line:
         print(f"data: {line}", file=sys.stderr)
     if _checked is not None:
-        _checked[key] = report
-    return report
+        _checked[key] = check
+    return check
 
 
 def validate_job(
@@ -120,10 +143,10 @@ def validate_job(
     Errors of a variant name it: ``sweep variant 'homlora': algorithm.name: ...``.
 
     Returns:
-        (variant, config, data report) per run, in job order.
+        (variant, config, data check) per run, in job order.
     """
     runs: list[CheckedRun] = []
-    checked: dict[str, dict[str, float]] = {}
+    checked: dict[str, DataCheck] = {}
     for variant in expand_job(data):
         try:
             cfg = build_config(variant.overrides, sets, extra)
@@ -132,12 +155,12 @@ def validate_job(
                     f"seed: the job lists seeds: (this run has seed {variant.seed}); "
                     "drop --set seed=... or the seeds: list"
                 )
-            report = validate_run(cfg, checked)
+            check = validate_run(cfg, checked)
         except bad_input_errors() as err:
             if not variant.folder:
                 raise
             raise type(err)(f"sweep variant {variant.folder!r}: {err}") from err
-        runs.append(CheckedRun(variant, cfg, report))
+        runs.append(CheckedRun(variant, cfg, check))
     return runs
 
 

@@ -101,7 +101,7 @@ def run(quick: bool, out: Path) -> list[dict[str, Any]]:
             )
             writers[name] = (results, ckpt)
         callbacks = [w for pair in writers.values() for w in pair]
-        backend = BACKENDS[cfg.runtime.backend](cfg)
+        backend = BACKENDS[cfg.runtime.backend](cfg, None)  # unchecked: hosts draw the partition
         try:
             run_rounds(cfg, backend, callbacks)
         finally:

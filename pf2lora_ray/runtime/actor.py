@@ -1,7 +1,9 @@
 """The Ray actor around a :class:`~pf2lora_ray.client.ClientHost` (thin: every method delegates).
 
 An actor builds the frozen base model once and keeps the personal state of the
-clients whose home it is. Clients move between actors with their state
+clients whose home it is, and their rows of the data (the driver's partition,
+:class:`~pf2lora_ray.tasks.base.Rows`; None for generated data): only theirs.
+Clients move between actors with their state and rows
 (:meth:`ClientActor.take_state` on the giver, the object ref passed to the
 receiver's next call), so any actor can serve any client.
 
@@ -25,8 +27,17 @@ from typing import Any
 import ray
 import torch
 
-from pf2lora_ray.client import Arrays, ClientHost, EvalResult, TrainResult, peak_rss_mb, rss_mb
+from pf2lora_ray.client import (
+    Arrays,
+    ClientHost,
+    EvalResult,
+    Handover,
+    TrainResult,
+    peak_rss_mb,
+    rss_mb,
+)
 from pf2lora_ray.config import Config
+from pf2lora_ray.tasks.base import ClientRows
 
 CRASH_EXIT_CODE = 1  # what an actor exits with when faults.kill_actor_at_round fires
 States = dict[int, Arrays]
@@ -66,12 +77,21 @@ class ClientActor:
         client_ids: the clients it is home to at start (their data is loaded now).
         threads: torch intra-op threads; set here because Ray's OMP_NUM_THREADS
             is not honoured by a reused worker that already imported torch.
+        rows: the rows of ``client_ids`` and of no other client; None when the
+            driver has none (generated data, or an unchecked run).
     """
 
-    def __init__(self, cfg: Config, index: int, client_ids: Sequence[int], threads: int) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        index: int,
+        client_ids: Sequence[int],
+        threads: int,
+        rows: ClientRows | None = None,
+    ) -> None:
         torch.set_num_threads(threads)
         self.index = index
-        self.host = ClientHost(cfg, client_ids)
+        self.host = ClientHost(cfg, client_ids, rows=rows)
         self.armed = False  # see the module docstring
 
     def arm(self) -> None:
@@ -90,10 +110,10 @@ class ClientActor:
         theta: Arrays,
         round_: int,
         client_ids: Sequence[int],
-        *incoming: States,
+        *incoming: Handover,
         crash: bool = False,
     ) -> tuple[TrainResult, int]:
-        """Take in ``incoming`` clients' state, then train ``client_ids``.
+        """Take in ``incoming`` clients' state and rows, then train ``client_ids``.
 
         ``incoming`` are object refs Ray resolves before the call runs: if the
         giving actor died before handing over, this call fails too and the
@@ -111,20 +131,23 @@ class ClientActor:
         return host.train(theta, round_, client_ids), received
 
     def evaluate(
-        self, theta: Arrays, round_: int, client_ids: Sequence[int], *incoming: States
+        self, theta: Arrays, round_: int, client_ids: Sequence[int], *incoming: Handover
     ) -> tuple[EvalResult, int]:
-        """Take in ``incoming`` clients' state, then evaluate ``client_ids``."""
+        """Take in ``incoming`` clients' state and rows, then evaluate ``client_ids``."""
         received = self._take_in(incoming)
         return self.host.evaluate(theta, round_, client_ids), received
 
-    def _take_in(self, incoming: Sequence[States]) -> int:
-        states = merged(incoming)
-        self._intact().put_state(states)
-        return sum(a.nbytes for arrays in states.values() for a in arrays.values())
+    def _take_in(self, incoming: Sequence[Handover]) -> int:
+        """Serve the handed-over clients; returns the bytes of personal state taken in."""
+        host = self._intact()
+        for handed in incoming:
+            host.take_over(handed)
+        states = [a for handed in incoming for s in handed.states.values() for a in s.values()]
+        return sum(a.nbytes for a in states)
 
-    def take_state(self, client_ids: Sequence[int]) -> States:
-        """Hand over ``client_ids``: their whole personal state, dropped here."""
-        return self._intact().take_state(client_ids)
+    def take_state(self, client_ids: Sequence[int]) -> Handover:
+        """Hand over ``client_ids``: their whole personal state and rows, dropped here."""
+        return self._intact().hand_over(client_ids)
 
     def get_personal(self, client_ids: Sequence[int]) -> States:
         """Every given client's personal state (created from (seed, client) if it has none)."""
@@ -135,22 +158,29 @@ class ClientActor:
         self.host.put_state(states)
         self.armed = self.armed or complete
 
-    def restore(self, client_ids: Sequence[int], *snapshots: States | None) -> None:
+    def restore(
+        self, client_ids: Sequence[int], rows: ClientRows | None, *snapshots: States | None
+    ) -> None:
         """Hold exactly ``client_ids``, each from the snapshots (absent: its initial state).
 
-        Other clients' data is dropped too, as :meth:`take_state` drops it.
+        ``rows`` are theirs (None: no rows); other clients' data and rows are dropped,
+        as :meth:`take_state` drops them.
         """
         states = merged(snapshots)
         self.host.personal.clear()
         self.host.put_state({k: states[k] for k in client_ids if k in states})
         self.host.client_ids = sorted(int(k) for k in client_ids)
-        for k in set(self.host.data) - set(self.host.client_ids):
-            del self.host.data[k]
+        self.host.data.drop(set(self.host.data) - set(self.host.client_ids))
+        self.host.data.rows = None if rows is None else dict(rows)
         self.armed = True
 
     def held(self) -> list[int]:
         """The clients whose personal state this actor holds (for checks)."""
         return list(self.host.personal)
+
+    def rows_held(self) -> list[int]:
+        """The clients whose rows this actor holds, ascending (for checks)."""
+        return sorted(self.host.data.rows or {})
 
     def release(self) -> None:
         """Remove this actor's spill folder (before it is killed, which skips finalizers)."""

@@ -13,17 +13,24 @@ import torch
 from pf2lora_ray.client import Arrays, ClientHost, EvalResult, TrainResult, peak_rss_mb, rss_mb
 from pf2lora_ray.config import Config
 from pf2lora_ray.runtime.base import stream_chunks
+from pf2lora_ray.tasks.base import ClientRows
 
 
 class LocalBackend:
-    """All clients in this process, one frozen model."""
+    """All clients in this process, one frozen model.
+
+    Args:
+        cfg: the run's config.
+        rows: every client's rows (the driver's data check), or None: the host
+            draws the partition itself (or generates its clients' data).
+    """
 
     num_actors = 0
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, rows: ClientRows | None = None) -> None:
         if cfg.runtime.threads_per_actor:  # same knob as a Ray actor's torch threads
             torch.set_num_threads(cfg.runtime.threads_per_actor)
-        self.host = ClientHost(cfg, range(cfg.fed.num_clients))
+        self.host = ClientHost(cfg, range(cfg.fed.num_clients), rows=rows)
 
     def initial_shared(self) -> Arrays:
         return self.host.initial_shared()

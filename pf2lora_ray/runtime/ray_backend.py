@@ -9,8 +9,9 @@ Clients start in contiguous blocks, one per actor. Each round the driver
    per-client cost estimates, preferring home actors; an evaluation round
    spreads every client evenly. ``placement="static"`` keeps the blocks;
 2. moves the state of clients placed away from home: the giving actor's
-   ``take_state`` result goes, as an object ref, into the receiving actor's
-   call, which takes it in before working; the receiver is the new home;
+   ``take_state`` result (their state and rows) goes, as an object ref, into the
+   receiving actor's call, which takes it in before working; the receiver is the
+   new home;
 3. puts theta in the object store once, calls only actors with work, and sums
    their pre-summed partial results in a fixed order
    (:func:`~pf2lora_ray.runtime.base.combine`).
@@ -24,6 +25,11 @@ they depend on the data only, so the placement is deterministic given (seed,
 round, actor count). ``placement="measured"``
 refines the estimate by each client's measured seconds (an exponential moving
 average); the placement then varies from run to run, the results do not.
+
+The driver's data check drew the partition once (``rows``): each actor is
+created with its own clients' rows only, takes rows in with the clients handed
+to it, and a recovered actor gets its clients' rows from the driver; no actor
+reads or partitions the rows of clients it does not serve.
 
 Sizing is in :mod:`~pf2lora_ray.runtime.sizing`, fault recovery in
 :mod:`~pf2lora_ray.runtime.recovery`. ``faults.kill_actor_at_round=R``
@@ -47,6 +53,7 @@ from pf2lora_ray.runtime.actor import ActorStateLost, ClientActor, actor_options
 from pf2lora_ray.runtime.base import combine, combine_eval, stream_chunks
 from pf2lora_ray.runtime.recovery import LOST, RESTART_TIMEOUT_S, Recovery
 from pf2lora_ray.runtime.sizing import actor_slots, requested_actors, start_ray
+from pf2lora_ray.tasks.base import ClientRows
 
 __all__ = ["ActorStateLost", "RayBackend", "requested_actors", "start_ray"]
 
@@ -63,16 +70,21 @@ class RayBackend:
             lost work is retried.
         placement: ``balanced``, ``measured`` or ``static`` (module docstring); default
             ``runtime.placement``.
+        rows: every client's rows of the data (the driver's data check), handed
+            to each actor for its own clients only; None: each actor draws the
+            partition itself (or generates its clients' data).
 
     Raises:
         ConfigError: the actors cannot be placed (raised before any starts).
     """
 
-    def __init__(self, cfg: Config, placement: Placement | None = None) -> None:
+    def __init__(
+        self, cfg: Config, placement: Placement | None = None, rows: ClientRows | None = None
+    ) -> None:
         placement = placement or cfg.runtime.placement
         if placement not in ("balanced", "measured", "static"):
             raise ValueError(f"placement must be balanced, measured or static, not {placement!r}")
-        self.cfg, self.placement = cfg, placement
+        self.cfg, self.placement, self.rows = cfg, placement, rows
         self.actors: list[Any] = []
         self.owns_ray = start_ray(cfg)
         try:
@@ -89,7 +101,7 @@ class RayBackend:
             for part in ray.get([a.cost_estimates.remote() for a in self.actors]):
                 self.costs.update(part)
             self.recovery = Recovery(
-                self.actors, self._start, self.clients_of, cfg.faults.max_retries
+                self.actors, self._start, self.clients_of, cfg.faults.max_retries, self.rows_of
             )
             self.kill_round = cfg.faults.kill_actor_at_round
             self.measured: dict[int, float] = {}  # client -> seconds (placement="measured")
@@ -102,11 +114,18 @@ class RayBackend:
 
     def _start(self, i: int) -> Any:
         options = actor_options(self.cfg, self.slots[i])
-        return ClientActor.options(**options).remote(self.cfg, i, self.blocks[i], self.threads)
+        block = self.blocks[i]
+        return ClientActor.options(**options).remote(
+            self.cfg, i, block, self.threads, self.rows_of(block)
+        )
 
     def clients_of(self, i: int) -> list[int]:
         """The clients whose home actor ``i`` is now (ascending)."""
         return sorted(k for k, a in self.home.items() if a == i)
+
+    def rows_of(self, client_ids: Sequence[int]) -> ClientRows | None:
+        """The rows of ``client_ids`` (one message's worth), or None when there are none."""
+        return None if self.rows is None else {k: self.rows[k] for k in client_ids}
 
     # ------------------------------------------------------------ a round
     def initial_shared(self) -> Arrays:
@@ -281,7 +300,9 @@ class RayBackend:
         self.measured = dict(zip(ids, seconds, strict=True))
         self.recovery.gather_all(
             range(self.num_actors),
-            lambda i, first: self.actors[i].restore.remote(self.clients_of(i)),
+            lambda i, first: self.actors[i].restore.remote(
+                self.clients_of(i), self.rows_of(self.clients_of(i))
+            ),
             "restore placement",
         )
         return True

@@ -15,7 +15,8 @@ the driver keeps, for all clients together:
   object ref already put for it) and the clients whose training counted.
 
 Clients move between actors, so recovery works per client: actor ``i`` gets the
-snapshot state of the clients whose home it is now and replays, round by round,
+snapshot state of the clients whose home it is now, with their rows of the data
+from the driver (the partition its data check drew), and replays, round by round,
 the logged training of exactly those clients. A client's update depends only on
 theta, its own state and (seed, round, client), so the replayed state equals a
 fault-free run's wherever the client trained before.
@@ -68,6 +69,7 @@ class Recovery:
         start: ``start(i)`` starts a replacement for actor ``i``.
         clients_of: ``clients_of(i)``: the clients whose home actor ``i`` is now.
         max_retries: ``faults.max_retries``.
+        rows_of: ``rows_of(clients)``: their rows of the data, or None (generated data).
     """
 
     def __init__(
@@ -76,8 +78,10 @@ class Recovery:
         start: Callable[[int], Any],
         clients_of: Callable[[int], list[int]],
         max_retries: int,
+        rows_of: Callable[[list[int]], Any],
     ) -> None:
         self.actors, self.start, self.clients_of = actors, start, clients_of
+        self.rows_of = rows_of
         self.max_retries = max_retries
         self.snapshot: Any = None  # object ref of {client: state}; None = every client fresh
         self.log: list[tuple[int, Any, set[int]]] = []  # (round, theta ref, clients trained)
@@ -169,7 +173,7 @@ class Recovery:
         clients = self.clients_of(i)
         actor, mine = self.actors[i], set(clients)
         snapshots = [] if self.snapshot is None else [self.snapshot]
-        refs = [actor.restore.remote(clients, *snapshots)]
+        refs = [actor.restore.remote(clients, self.rows_of(clients), *snapshots)]
         replayed = []
         for round_, theta, trained in self.log:
             ks = sorted(mine & trained)

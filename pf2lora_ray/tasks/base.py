@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -22,6 +22,18 @@ from torch import nn
 
 Params = Mapping[str, torch.Tensor]
 Batch = dict[str, Any]
+
+
+class Rows(NamedTuple):
+    """One client's rows of the task's split file: sorted int64 positions (0-based, header
+    not counted) of the rows its ``train``, ``val`` and ``test`` examples are built from."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+ClientRows = dict[int, Rows]
 
 
 @dataclass
@@ -79,8 +91,23 @@ class Task(Protocol):
             DataError, PartitionError, ConfigError: naming the file, row or key.
         """
 
-    def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
-        """Train/test examples of the given clients (deterministic from the seed)."""
+    def client_rows(self, client_ids: Sequence[int]) -> ClientRows | None:
+        """Each given client's :class:`Rows`: the partition of the split, drawn from the seed.
+
+        The driver calls it once, after :meth:`check_data`, and hands every host only
+        its own clients' rows (:func:`pf2lora_ray.validate.validate_run`). None for a
+        task that generates each client's data from (seed, client) and reads no file.
+        """
+
+    def client_data(
+        self, client_ids: Sequence[int], rows: ClientRows | None = None
+    ) -> dict[int, ClientData]:
+        """Train/val/test examples of the given clients (deterministic from the seed).
+
+        With ``rows`` (:meth:`client_rows` of at least these clients) the examples are
+        built from exactly those rows, without drawing the partition; without, the task
+        draws it itself. Both give equal data.
+        """
 
     def batch(self, split: Any, idx: np.ndarray) -> Batch:
         """Rows ``idx`` of a client's split (``ClientData.train``/``test``) as tensors."""

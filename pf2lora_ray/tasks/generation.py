@@ -15,7 +15,9 @@ and ``data.val_fraction`` of the train share is held out for validation;
 every reference of a train entry is a training example, and each validation or
 test entry is decoded once and scored against all its references.
 ``data.max_train_per_client`` / ``max_val_per_client`` / ``max_test_per_client``
-count entries.
+count entries. The driver draws this split once and hands each host the file rows
+of its clients' entries (:meth:`GenerationTask.client_rows`); a host reads only
+those (:meth:`GenerationTask.read_entries` with ``rows``).
 
 Evaluation decodes greedily (or with ``data.num_beams`` beams) for at most
 ``data.max_new_tokens`` tokens and reports ``bleu``, ``chrf``, ``ter`` (sacrebleu,
@@ -41,7 +43,7 @@ from torch import nn
 import pf2lora_ray.tasks.lm as lm
 from pf2lora_ray import metrics
 from pf2lora_ray.config import Config
-from pf2lora_ray.tasks.base import Batch, ClientData, Params
+from pf2lora_ray.tasks.base import Batch, ClientData, ClientRows, Params, Rows
 from pf2lora_ray.tasks.glue import models
 from pf2lora_ray.tasks.text import ClientSplits, Examples, pad, truncation
 
@@ -50,11 +52,13 @@ SOURCE = "{source}"
 
 @dataclass(frozen=True)
 class Entry:
-    """One source with its reference texts and its group (category)."""
+    """One source with its reference texts, its group (category) and the file rows
+    (0-based positions, ascending) it was read from."""
 
     source: str
     references: tuple[str, ...]
     group: str = ""
+    rows: tuple[int, ...] = ()
 
 
 def fill(prompt: str, source: str) -> str:
@@ -85,8 +89,12 @@ class GenerationTask:
         self._tokenizer = None
         self._clients: dict[int, ClientData] = {}
 
-    def read_entries(self) -> list[Entry]:
-        """Every entry of :attr:`file`, in file order.
+    def read_entries(self, rows: np.ndarray | None = None) -> list[Entry]:
+        """Every entry of :attr:`file` in file order, each with the file rows it holds.
+
+        Args:
+            rows: sorted file rows; only the entries made of them are read (each
+                entry's rows are all in ``rows`` or none is). None: all.
 
         Raises:
             DataError: the file is missing, malformed or empty (the message names it).
@@ -154,26 +162,56 @@ class GenerationTask:
                 prompt_cut[f"prompt_cut.{split}"] = float(np.mean(2 * prompt > limit))
         return {**truncation(needed, limit), **prompt_cut}
 
-    def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
+    def client_rows(self, client_ids: Sequence[int]) -> ClientRows:
+        """The file rows of each client's train, val and test entries (the partition)."""
+        entries = self.entries()
+
+        def file_rows(idx: np.ndarray) -> np.ndarray:
+            return np.array(sorted(r for i in idx for r in entries[i].rows), np.int64)
+
+        return {k: Rows(*map(file_rows, split)) for k, split in self.splits()(client_ids).items()}
+
+    def client_data(
+        self, client_ids: Sequence[int], rows: ClientRows | None = None
+    ) -> dict[int, ClientData]:
+        """The clients' tokenized examples, built once per client and task instance.
+
+        With ``rows`` (:meth:`client_rows`), only the entries of the missing clients'
+        rows are read (:meth:`read_entries`) and the partition is not drawn; without,
+        every entry is read and the partition drawn.
+        """
         missing = [k for k in client_ids if k not in self._clients]
-        if missing:
+        if not missing:
+            return {k: self._clients[k] for k in client_ids}
+        if rows is None:
             entries = self.entries()
-            for k, (train, val, test) in self.splits()(missing).items():
-                pairs = [(entries[i], text) for i in train for text in entries[i].references]
-                self._clients[k] = ClientData(
-                    k,
-                    self._examples(pairs),
-                    self._scored(entries, test),
-                    val=self._scored(entries, val) if val.size else None,
-                )
+            shares = {
+                k: [[entries[i] for i in idx] for idx in split]
+                for k, split in self.splits()(missing).items()
+            }
+        else:
+            wanted = np.unique(np.concatenate([i for k in missing for i in rows[k]]))
+            # An entry's rows all lie in one split of one client: it is found by its first.
+            first = {e.rows[0]: e for e in self.read_entries(wanted)}
+            shares = {
+                k: [[first[r] for r in idx if r in first] for idx in rows[k]] for k in missing
+            }
+        for k, (train, val, test) in shares.items():
+            pairs = [(entry, text) for entry in train for text in entry.references]
+            self._clients[k] = ClientData(
+                k,
+                self._examples(pairs),
+                self._scored(test),
+                val=self._scored(val) if val else None,
+            )
         return {k: self._clients[k] for k in client_ids}
 
-    def _scored(self, entries: list[Entry], idx: np.ndarray) -> Examples:
+    def _scored(self, entries: list[Entry]) -> Examples:
         """Entries scored by evaluation: one row each (its first reference, for the loss),
         with its prompt and every reference."""
-        split = self._examples([(entries[i], entries[i].references[0]) for i in idx])
-        split.extra["prompt"] = [self.prompt_ids(entries[i].source) for i in idx]
-        split.extra["references"] = [list(entries[i].references) for i in idx]
+        split = self._examples([(entry, entry.references[0]) for entry in entries])
+        split.extra["prompt"] = [self.prompt_ids(entry.source) for entry in entries]
+        split.extra["references"] = [list(entry.references) for entry in entries]
         return split
 
     def prompt_ids(self, source: str) -> list[int]:

@@ -27,7 +27,6 @@ on its test split, the baseline a personalized model must beat (PF2LORA.md).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,18 +37,29 @@ from torch.func import functional_call
 
 from pf2lora_ray import metrics
 from pf2lora_ray.config import Config, ConfigError
-from pf2lora_ray.tasks.base import Batch, ClientData, DataError, Params, register_task
+from pf2lora_ray.tasks.base import (
+    Batch,
+    ClientData,
+    ClientRows,
+    DataError,
+    Params,
+    register_task,
+)
+from pf2lora_ray.tasks.glue_spec import GLUE_TASKS, Table, encode_labels, pick_column
 from pf2lora_ray.tasks.text import (
     ClientSplits,
     Examples,
+    SplitFile,
     find_split_file,
     header_fields,
     pad,
     param_device,
     quiet_loggers,
-    read_table,
+    take_rows,
     truncation,
 )
+
+__all__ = ["GLUE_TASKS", "GlueTask", "encode_labels"]
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -62,68 +72,6 @@ def models() -> Any:
     return pf2lora_ray.models
 
 
-@dataclass(frozen=True)
-class GlueSpec:
-    """What a GLUE task's data look like and how it is scored.
-
-    Attributes:
-        text: per text field, the accepted column names (hub name first, then
-            the GLUE TSV name where it differs).
-        label: accepted label column names.
-        label_names: class names in label-id order; ``None`` = regression.
-        metrics: task metrics besides ``loss`` (and ``accuracy`` for classification).
-        headerless: column names of the task's headerless GLUE TSV files.
-        score_range: allowed target range for regression.
-    """
-
-    text: tuple[tuple[str, ...], ...]
-    label: tuple[str, ...]
-    label_names: tuple[str, ...] | None
-    metrics: tuple[str, ...]
-    headerless: tuple[str, ...] | None = None
-    score_range: tuple[float, float] = (0.0, 5.0)
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.label_names is None else len(self.label_names)
-
-
-_PAIR = (("sentence1",), ("sentence2",))
-_NLI = ("entailment", "not_entailment")
-
-GLUE_TASKS: dict[str, GlueSpec] = {
-    "cola": GlueSpec(
-        (("sentence",),),
-        ("label",),
-        ("unacceptable", "acceptable"),
-        ("mcc",),
-        headerless=("source", "label", "original_mark", "sentence"),
-    ),
-    "sst2": GlueSpec((("sentence",),), ("label",), ("negative", "positive"), ()),
-    "mrpc": GlueSpec(
-        (("sentence1", "#1 String"), ("sentence2", "#2 String")),
-        ("label", "Quality"),
-        ("not_equivalent", "equivalent"),
-        ("f1",),
-    ),
-    "qqp": GlueSpec(
-        (("question1",), ("question2",)),
-        ("label", "is_duplicate"),
-        ("not_duplicate", "duplicate"),
-        ("f1",),
-    ),
-    "stsb": GlueSpec(_PAIR, ("label", "score"), None, ("pearson", "spearman")),
-    "mnli": GlueSpec(
-        (("premise", "sentence1"), ("hypothesis", "sentence2")),
-        ("label", "gold_label"),
-        ("entailment", "neutral", "contradiction"),
-        (),
-    ),
-    "qnli": GlueSpec((("question",), ("sentence",)), ("label",), _NLI, ()),
-    "rte": GlueSpec(_PAIR, ("label",), _NLI, ()),
-    "wnli": GlueSpec(_PAIR, ("label",), ("not_entailment", "entailment"), ()),
-}
-
 _METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": metrics.accuracy,
     "mcc": metrics.matthews_corrcoef,
@@ -131,58 +79,6 @@ _METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "pearson": metrics.pearson,
     "spearman": metrics.spearman,
 }
-
-
-@dataclass
-class Table:
-    """A split's texts (one list per text field) and targets, with where they came from."""
-
-    texts: list[list[str]]
-    targets: np.ndarray  # (n,) int64 class ids or float64 scores
-    source: str
-
-
-def _pick(columns: Sequence[str], accepted: Sequence[str], what: str, source: str) -> str:
-    for name in accepted:
-        if name in columns:
-            return name
-    raise DataError(
-        f"{source}: no {what} column; expected one of {list(accepted)}, found {list(columns)} "
-        "(set data.text_columns / data.label_column to use other names)"
-    )
-
-
-def encode_labels(raw: Sequence[Any], spec: GlueSpec, task: str, source: str) -> np.ndarray:
-    """Class ids (or float scores) of ``raw``; a value outside the task's set names its row.
-
-    A class may be given by name (``entailment``) or by id (``1`` or ``"1"``).
-    """
-    if spec.label_names is None:
-        lo, hi = spec.score_range
-        out = np.empty(len(raw), dtype=np.float64)
-        for i, v in enumerate(raw):
-            try:
-                out[i] = float(v)
-            except (TypeError, ValueError):
-                out[i] = np.nan
-            if not lo <= out[i] <= hi:
-                raise DataError(
-                    f"{source}: row {i}: score {v!r} is not a {task} target; expected a number "
-                    f"in [{lo:g}, {hi:g}]"
-                )
-        return out
-    ids = {name: i for i, name in enumerate(spec.label_names)}
-    ids.update({str(i): i for i in range(len(spec.label_names))})
-    out = np.empty(len(raw), dtype=np.int64)
-    for i, v in enumerate(raw):
-        key = str(v).strip()
-        if key not in ids:
-            raise DataError(
-                f"{source}: row {i}: label {v!r} is not a {task} label; expected one of "
-                f"{list(spec.label_names)} or their ids 0..{len(spec.label_names) - 1}"
-            )
-        out[i] = ids[key]
-    return out
 
 
 @register_task("glue")
@@ -218,6 +114,7 @@ class GlueTask:
         self.file = None if d.path is None else find_split_file(d.path, d.split, fmt)
         self.family = models().model_family(cfg.model)
         self._table: Table | None = None
+        self._file: SplitFile | Any = None  # a SplitFile, or the hub's Dataset
         self._splits: ClientSplits | None = None
         self._tokenizer = None
         self._clients: dict[int, ClientData] = {}
@@ -243,36 +140,45 @@ class GlueTask:
 
     # ------------------------------------------------------------ data
     def table(self) -> Table:
-        """The partitioned split, read once per task instance (i.e. once per host)."""
+        """Every row of the split, read once per task instance (the driver's data check)."""
         if self._table is None:
             self._table = self._read()
         return self._table
 
-    def _read(self) -> Table:
+    def _read(self, rows: np.ndarray | None = None) -> Table:
+        """The split's rows ``rows`` (sorted positions; None: all), decoded and label-checked."""
         d = self.cfg.data
+        if self._file is None:
+            if self.file is None:
+                self._file = self._from_hub()
+            else:
+                names = None
+                if self.spec.headerless and self.file.suffix in (".tsv", ".csv"):
+                    expected = {c for cols in self.spec.text for c in cols} | set(self.spec.label)
+                    if not expected & set(header_fields(self.file)):
+                        names = self.spec.headerless
+                self._file = SplitFile(self.file, names)
         if self.file is None:
-            ds, source = self._from_hub(), f"hub glue/{self.name} split {d.split}"
+            source = f"hub glue/{self.name} split {d.split}"
+            ds = self._file if rows is None else take_rows(self._file, rows, source)
         else:
-            names = None
-            if self.spec.headerless and self.file.suffix in (".tsv", ".csv"):
-                expected = {c for cols in self.spec.text for c in cols} | set(self.spec.label)
-                if not expected & set(header_fields(self.file)):
-                    names = self.spec.headerless
-            ds, source = read_table(self.file, names), str(self.file)
+            source = str(self.file)
+            ds = self._file.table() if rows is None else self._file.rows(rows)
         if ds.num_rows == 0:
             raise DataError(f"{source}: holds no rows")
         cols = ds.column_names
         text_cols = d.text_columns or tuple(
-            _pick(cols, accepted, f"text field {i + 1}", source)
+            pick_column(cols, accepted, f"text field {i + 1}", source)
             for i, accepted in enumerate(self.spec.text)
         )
-        label_col = _pick(
+        label_col = pick_column(
             cols, (d.label_column,) if d.label_column else self.spec.label, "label", source
         )
         for c in text_cols:
-            _pick(cols, (c,), "text", source)
+            pick_column(cols, (c,), "text", source)
         texts = [["" if t is None else str(t) for t in ds[c]] for c in text_cols]
-        return Table(texts, encode_labels(ds[label_col], self.spec, self.name, source), source)
+        targets = encode_labels(ds[label_col], self.spec, self.name, source, rows)
+        return Table(texts, targets, source)
 
     def _from_hub(self) -> Any:
         import datasets
@@ -316,12 +222,31 @@ class GlueTask:
             lengths[split] = np.array([len(x) for x in ids], dtype=np.int64)
         return truncation(lengths, self.cfg.data.max_length)
 
-    def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
+    def client_rows(self, client_ids: Sequence[int]) -> ClientRows:
+        """Each client's rows of the split: the partition, drawn once per task instance."""
+        return self.splits()(client_ids)
+
+    def client_data(
+        self, client_ids: Sequence[int], rows: ClientRows | None = None
+    ) -> dict[int, ClientData]:
+        """The clients' tokenized examples, built once per client and task instance.
+
+        With ``rows``, only the union of the missing clients' rows is decoded,
+        label-checked and tokenized (:class:`~pf2lora_ray.tasks.text.SplitFile`: a
+        Parquet file reads their row groups, a TSV/CSV/JSON file is parsed whole once
+        per instance); the partition is not drawn. Without, :meth:`table` reads every
+        row and :meth:`client_rows` draws it.
+        """
         missing = [k for k in client_ids if k not in self._clients]
         if missing:
-            table = self.table()
-            splits = self.splits()(missing)
-            for k, (train, val, test) in splits.items():
+            own = self.client_rows(missing) if rows is None else {k: rows[k] for k in missing}
+            if self._table is not None:  # every row is decoded already
+                table, at = self._table, lambda idx: idx
+            else:
+                wanted = np.unique(np.concatenate([i for k in missing for i in own[k]]))
+                table, at = self._read(wanted), lambda idx: np.searchsorted(wanted, idx)
+            for k in missing:
+                train, val, test = (at(idx) for idx in own[k])
                 tr, te = self._examples(table, train), self._examples(table, test)
                 labels = None if self.spec.label_names is None else tr.targets
                 va = self._examples(table, val) if val.size else None

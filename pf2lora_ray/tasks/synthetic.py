@@ -24,7 +24,7 @@ from torch.func import functional_call
 from pf2lora_ray import seeds
 from pf2lora_ray.config import Config
 from pf2lora_ray.data.partition import split_off_validation
-from pf2lora_ray.tasks.base import Batch, ClientData, Params, register_task
+from pf2lora_ray.tasks.base import Batch, ClientData, ClientRows, Params, register_task
 
 
 class LinearModel(nn.Module):
@@ -123,7 +123,14 @@ class SyntheticTask:
     def check_data(self) -> None:
         """Nothing to read: every client draws its own examples (sizes checked by the config)."""
 
-    def client_data(self, client_ids: Sequence[int]) -> dict[int, ClientData]:
+    def client_rows(self, client_ids: Sequence[int]) -> None:
+        """None: no file is partitioned, each client draws its rows from (seed, client)."""
+        return None
+
+    def client_data(
+        self, client_ids: Sequence[int], rows: ClientRows | None = None
+    ) -> dict[int, ClientData]:
+        """Each client's draws from (seed, client); ``rows`` is always None here."""
         out = {}
         dtype = getattr(torch, self.cfg.model.dtype)
         for k in client_ids:

@@ -5,9 +5,10 @@
   ``csv``/``json``/``parquet`` builders work offline).
 - :class:`ClientSplits`: the partition of a split over all ``fed.num_clients``
   clients (:mod:`pf2lora_ray.data.partition`), drawn once per task, then each
-  client's own 80/20 train/test split and deterministic subsampling. Every host
-  draws the same partition from the run seed (and the driver checks it before
-  the run), so results do not depend on which host serves which client.
+  client's own 80/20 train/test split and deterministic subsampling. The driver
+  draws it once, while it checks the data before a run, and hands each host its
+  own clients' :class:`~pf2lora_ray.tasks.base.Rows`; a host given them reads
+  only those rows (:func:`read_table` with ``rows``) and never draws it again.
 - :class:`Examples` and :func:`pad`: tokenized rows kept as lists of token ids,
   padded per batch to the longest row (dynamic padding).
 """
@@ -34,7 +35,7 @@ from pf2lora_ray.data.partition import (
     split_train_test,
 )
 from pf2lora_ray.storage import Location, cached_copy, location
-from pf2lora_ray.tasks.base import Batch, DataError
+from pf2lora_ray.tasks.base import Batch, ClientRows, DataError, Rows
 
 FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -102,7 +103,7 @@ def read_table(file: Path, column_names: Sequence[str] | None = None) -> Any:
     datasets.disable_progress_bars()
     try:
         with quiet_loggers("datasets"):
-            return datasets.load_dataset(
+            ds = datasets.load_dataset(
                 builder,
                 data_files={"data": str(file)},
                 split="data",
@@ -115,6 +116,86 @@ def read_table(file: Path, column_names: Sequence[str] | None = None) -> Any:
     finally:
         if not bars_were_off:
             datasets.enable_progress_bars()
+    return ds
+
+
+class SplitFile:
+    """A split's data file, read as rarely as the format allows: the rows a host serves.
+
+    :meth:`rows` of a Parquet file reads only the row groups that hold them. A
+    TSV/CSV/JSON file has no index to seek a row by: the first call parses it whole
+    into Arrow columns (:func:`read_table`), kept for later calls, and every call
+    cuts them to its rows before any value becomes a Python object.
+
+    Args:
+        file: the local file.
+        column_names: as :func:`read_table`'s (a headerless TSV/CSV).
+    """
+
+    def __init__(self, file: Path, column_names: Sequence[str] | None = None) -> None:
+        self.file, self.column_names = file, column_names
+        self._parsed: Any = None
+
+    def table(self) -> Any:
+        """Every row, as a ``datasets.Dataset`` (parsed once)."""
+        if self._parsed is None:
+            self._parsed = read_table(self.file, self.column_names)
+        return self._parsed
+
+    def rows(self, rows: np.ndarray) -> Any:
+        """Rows ``rows`` (sorted, unique positions), in that order, as a ``datasets.Dataset``.
+
+        Raises:
+            DataError: the file cannot be parsed or holds fewer rows than ``rows`` needs.
+        """
+        if self.file.suffix == ".parquet" and self._parsed is None:
+            return _parquet_rows(self.file, rows)
+        return take_rows(self.table(), rows, str(self.file))
+
+
+def take_rows(ds: Any, rows: np.ndarray, source: str) -> Any:
+    """Rows ``rows`` of the ``datasets.Dataset`` ``ds`` (read from ``source``).
+
+    Raises:
+        DataError: ``ds`` is shorter than ``rows`` needs: the file differs from the one
+            the driver partitioned (every node must hold the same data).
+    """
+    _check_length(rows, ds.num_rows, source)
+    return ds.select(rows)
+
+
+def _check_length(rows: np.ndarray, num_rows: int, source: str) -> None:
+    if rows.size and int(rows[-1]) >= num_rows:
+        raise DataError(
+            f"{source}: holds {num_rows} rows, but row {int(rows[-1])} was asked for; every "
+            "node must read the same file the driver partitioned"
+        )
+
+
+def _parquet_rows(file: Path, rows: np.ndarray) -> Any:
+    """``rows`` of a Parquet file as a ``datasets.Dataset``, reading only their row groups.
+
+    The values are those :func:`read_table` gives: both hold the file's Arrow columns.
+    """
+    import datasets
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(file)
+        sizes = np.array(
+            [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)], np.int64
+        )
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        _check_length(rows, int(starts[-1]), str(file))
+        group_of = np.searchsorted(starts, rows, side="right") - 1
+        groups = np.unique(group_of)
+        table = pf.read_row_groups(groups.tolist())
+    except OSError as err:
+        raise DataError(f"{file}: cannot read it as parquet: {err}") from err
+    # Where each chosen group starts in the table just read.
+    begins = np.concatenate([[0], np.cumsum(sizes[groups])])[:-1]
+    local = rows - starts[group_of] + begins[np.searchsorted(groups, group_of)]
+    return datasets.Dataset(datasets.table.InMemoryTable(table.take(local)))
 
 
 @contextlib.contextmanager
@@ -191,9 +272,7 @@ class ClientSplits:
                 f"over fed.num_clients={n}: {err}"
             ) from err
 
-    def __call__(
-        self, client_ids: Sequence[int]
-    ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def __call__(self, client_ids: Sequence[int]) -> ClientRows:
         """(train, val, test) example indices of each client in ``client_ids``.
 
         The validation rows are carved from the client's training share before the
@@ -206,7 +285,7 @@ class ClientSplits:
             for k in client_ids:
                 train, test = split_train_test(self.parts[k], d.test_fraction, seed, k)
                 train, val = split_off_validation(train, d.val_fraction, seed, k)
-                out[k] = (
+                out[k] = Rows(
                     subsample(train, d.max_train_per_client, seed, k, seeds.SUBSAMPLE_TRAIN),
                     subsample(val, d.max_val_per_client, seed, k, seeds.SUBSAMPLE_VAL),
                     subsample(test, d.max_test_per_client, seed, k, seeds.SUBSAMPLE_TEST),

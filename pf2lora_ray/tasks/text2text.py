@@ -30,10 +30,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from pf2lora_ray.config import Config, ConfigError
 from pf2lora_ray.tasks.base import DataError, register_task
 from pf2lora_ray.tasks.generation import Entry, GenerationTask
-from pf2lora_ray.tasks.text import find_split_file, read_table
+from pf2lora_ray.tasks.text import SplitFile, find_split_file
 
 GROUPED = ("task", "dirichlet", "label_sort")  # partitions that need a group per entry
 
@@ -68,15 +70,22 @@ class Text2TextTask(GenerationTask):
                 "name the column that holds each row's group, or use iid / quantity"
             )
         super().__init__(cfg, find_split_file(d.path, d.split))
+        self._file: SplitFile | None = None
 
-    def read_entries(self) -> list[Entry]:
+    def read_entries(self, rows: np.ndarray | None = None) -> list[Entry]:
         """Rows grouped by (group, source) in order of first appearance.
+
+        With ``rows``, only those are read (:class:`~pf2lora_ray.tasks.text.SplitFile`:
+        a Parquet file reads their row groups; a TSV/CSV/JSON file is parsed whole
+        once per task instance and cut to them before grouping).
 
         Raises:
             DataError: a named column is missing, a cell is empty, or the file has no rows.
         """
         d = self.cfg.data
-        table = read_table(self.file)
+        if self._file is None:
+            self._file = SplitFile(self.file)
+        table = self._file.table() if rows is None else self._file.rows(rows)
         columns = [d.source_column, d.target_column] + ([d.group_column] if d.group_column else [])
         absent = [c for c in columns if c not in table.column_names]
         if absent:
@@ -88,13 +97,19 @@ class Text2TextTask(GenerationTask):
             raise DataError(f"{self.file}: holds no rows")
         groups = table[d.group_column] if d.group_column else [""] * len(table)
         texts: dict[tuple[str, str], list[str]] = {}
-        # Rows are numbered from 1 as a person counts them (after a CSV/TSV header).
-        for row, (source, target, group) in enumerate(
-            zip(table[d.source_column], table[d.target_column], groups, strict=True), start=1
+        at: dict[tuple[str, str], list[int]] = {}  # the file rows of each entry
+        positions = range(len(table)) if rows is None else rows.tolist()
+        for i, source, target, group in zip(
+            positions, table[d.source_column], table[d.target_column], groups, strict=True
         ):
+            row = i + 1  # numbered from 1 as a person counts them (after a CSV/TSV header)
             key = (
                 _text(group, self.file, row, d.group_column) if d.group_column else "",
                 _text(source, self.file, row, d.source_column),
             )
             texts.setdefault(key, []).append(_text(target, self.file, row, d.target_column))
-        return [Entry(source, tuple(refs), group) for (group, source), refs in texts.items()]
+            at.setdefault(key, []).append(i)
+        return [
+            Entry(source, tuple(refs), group, tuple(at[group, source]))
+            for (group, source), refs in texts.items()
+        ]

@@ -37,18 +37,27 @@ def linearise(triples: Sequence[tuple[str, str, str]]) -> str:
     return " | ".join(f"{_clean(s)} : {p} : {_clean(o)}" for s, p, o in triples)
 
 
-def read_entries(path: Path) -> list[Entry]:
+def read_entries(path: Path, rows: Sequence[int] | None = None) -> list[Entry]:
     """Entries of a WebNLG JSON file; malformed content raises DataError naming the entry.
 
     Each becomes an :class:`Entry` with the linearised triples as its source, its
-    lexicalisations as references and its category as group.
+    lexicalisations as references, its category as group and its position in the
+    file's entry list as its one row. ``rows`` picks entries by position: the JSON
+    document is parsed whole on each call (it has no index to seek an entry by),
+    and only those entries are read.
     """
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))["entries"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path}: not a WebNLG JSON file with an 'entries' list: {err}") from err
     entries = []
-    for i, item in enumerate(raw):
+    for i in range(len(raw)) if rows is None else (int(r) for r in rows):
+        if i >= len(raw):
+            raise DataError(
+                f"{path}: holds {len(raw)} entries, but entry {i} was asked for; every node "
+                "must read the same file the driver partitioned"
+            )
+        item = raw[i]
         try:
             (e,) = item.values()
             triples = tuple(
@@ -62,7 +71,7 @@ def read_entries(path: Path) -> list[Entry]:
             ) from err
         if not triples or not texts:
             raise DataError(f"{path}: entry {i} has no triples or no lexicalisation")
-        entries.append(Entry(linearise(triples), texts, category))
+        entries.append(Entry(linearise(triples), texts, category, (i,)))
     if not entries:
         raise DataError(f"{path}: holds no entries")
     return entries
@@ -85,5 +94,5 @@ class WebNLGTask(GenerationTask):
             )
         super().__init__(cfg, find_split_file(cfg.data.path, cfg.data.split, "json"))
 
-    def read_entries(self) -> list[Entry]:
-        return read_entries(self.file)
+    def read_entries(self, rows: Sequence[int] | None = None) -> list[Entry]:
+        return read_entries(self.file, rows)

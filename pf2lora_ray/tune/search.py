@@ -28,7 +28,7 @@ from pf2lora_ray.tune.outputs import (
 )
 from pf2lora_ray.tune.space import Space, candidate_configs, load_space, trial_config
 from pf2lora_ray.tune.trial import concurrency, run_trial, trial_bundles
-from pf2lora_ray.validate import UsageError, validate_run
+from pf2lora_ray.validate import DataCheck, UsageError, validate_run
 
 SPEC_FILE = "tune_spec.yaml"
 
@@ -122,7 +122,7 @@ def run_tune(
             "to choose on validation rows and keep test for reporting",
             file=sys.stderr,
         )
-    checked: dict[str, dict[str, float]] = {}
+    checked: dict[str, DataCheck] = {}
     for candidate in candidate_configs(cfg, space):  # names, data and partition, as `run` does
         validate_run(candidate, checked)
     out = location(out)
