@@ -69,7 +69,8 @@ class ClientDataCache(dict):
     def add_rows(self, rows: ClientRows | None) -> None:
         """Keep the rows of clients this host now serves."""
         if rows:
-            self.rows = {**(self.rows or {}), **rows}
+            self.rows = {} if self.rows is None else self.rows
+            self.rows.update(rows)
 
     def drop(self, client_ids: Iterable[int]) -> None:
         """Forget clients this host no longer serves: their data and rows."""
