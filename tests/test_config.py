@@ -39,6 +39,15 @@ def test_bad_values_name_the_key(item, key):
         load_config("jobs/synthetic_rank.yaml", [item])
 
 
+def test_restart_timeout_is_a_positive_fault_setting_outside_the_hash():
+    base = load_config("jobs/synthetic_rank.yaml")
+    slow = load_config("jobs/synthetic_rank.yaml", ["faults.restart_timeout_s=600"])
+    assert base.faults.restart_timeout_s == 120.0 and slow.faults.restart_timeout_s == 600.0
+    assert config_hash(slow) == config_hash(base)  # a resumed run may wait longer
+    with pytest.raises(ConfigError, match=r"faults\.restart_timeout_s.*must be > 0"):
+        load_config("jobs/synthetic_rank.yaml", ["faults.restart_timeout_s=0"])
+
+
 def test_config_hash_ignores_runtime_but_not_model_settings():
     a = load_config("jobs/synthetic_rank.yaml")
     assert config_hash(a) == config_hash(

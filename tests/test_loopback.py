@@ -2,7 +2,8 @@
 
 A plain ``ray.init()`` binds the GCS, the raylet, workers and agents on every
 interface (its node IP is the machine's routable address); the runtime's
-embedded default must not (pf2lora_ray/runtime/loopback.py says how).
+embedded default must not (pf2lora_ray/runtime/loopback.py says how). `pf2lora run` and
+`pf2lora tune` both start Ray through ``start_ray``.
 """
 
 from __future__ import annotations

@@ -290,16 +290,28 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class FaultsConfig:
-    """Fault injection for testing; 0 = off."""
+    """Fault injection for testing (0 = off), and how recovery waits for a lost actor.
+
+    ``restart_timeout_s`` is how long the driver waits for Ray to restart a lost
+    actor (and for a call on one to answer) before it counts as a failed retry;
+    an actor that loads a transformers model on a loaded machine may need more
+    than the default.
+    """
 
     kill_actor_at_round: int = 0
     crash_driver_at_round: int = 0
     max_retries: int = 2
+    restart_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         check(self.kill_actor_at_round >= 0, "faults.kill_actor_at_round", "must be >= 0")
         check(self.crash_driver_at_round >= 0, "faults.crash_driver_at_round", "must be >= 0")
         check(self.max_retries >= 0, "faults.max_retries", "must be >= 0")
+        check(
+            self.restart_timeout_s > 0,
+            "faults.restart_timeout_s",
+            f"must be > 0 seconds, got {self.restart_timeout_s}",
+        )
 
 
 @dataclass(frozen=True)

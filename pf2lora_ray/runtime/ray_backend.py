@@ -51,7 +51,7 @@ from pf2lora_ray.config import Config
 from pf2lora_ray.runtime import placement as place
 from pf2lora_ray.runtime.actor import ActorStateLost, ClientActor, actor_options
 from pf2lora_ray.runtime.base import combine, combine_eval, stream_chunks
-from pf2lora_ray.runtime.recovery import LOST, RESTART_TIMEOUT_S, Recovery
+from pf2lora_ray.runtime.recovery import LOST, Recovery
 from pf2lora_ray.runtime.sizing import actor_slots, requested_actors, start_ray
 from pf2lora_ray.tasks.base import ClientRows
 
@@ -101,7 +101,12 @@ class RayBackend:
             for part in ray.get([a.cost_estimates.remote() for a in self.actors]):
                 self.costs.update(part)
             self.recovery = Recovery(
-                self.actors, self._start, self.clients_of, cfg.faults.max_retries, self.rows_of
+                self.actors,
+                self._start,
+                self.clients_of,
+                cfg.faults.max_retries,
+                self.rows_of,
+                cfg.faults.restart_timeout_s,
             )
             self.kill_round = cfg.faults.kill_actor_at_round
             self.measured: dict[int, float] = {}  # client -> seconds (placement="measured")
@@ -364,7 +369,7 @@ class RayBackend:
         total = rss_mb()
         for ref in [a.rss_mb.remote() for a in self.actors]:
             with contextlib.suppress(*LOST):  # a lost actor is recovered at its next real use
-                total += ray.get(ref, timeout=RESTART_TIMEOUT_S)
+                total += ray.get(ref, timeout=self.cfg.faults.restart_timeout_s)
         return total
 
     def node_ids(self) -> list[str]:
@@ -375,7 +380,7 @@ class RayBackend:
         """Kill the actors; shut Ray down only if this backend started it."""
         for ref in [a.release.remote() for a in self.actors]:
             with contextlib.suppress(*LOST):  # a dead actor's folder went with its process
-                ray.get(ref, timeout=RESTART_TIMEOUT_S)
+                ray.get(ref, timeout=self.cfg.faults.restart_timeout_s)
         for actor in self.actors:
             ray.kill(actor)
         self.actors.clear()

@@ -46,7 +46,6 @@ import ray
 
 from pf2lora_ray.runtime.actor import ActorStateLost
 
-RESTART_TIMEOUT_S = 120.0  # how long a recovery waits for Ray to restart an actor
 LOG_BYTES_MAX = 256 * 2**20  # logged thetas beyond this trigger a snapshot (module docstring)
 
 log = logging.getLogger(__name__)
@@ -70,6 +69,7 @@ class Recovery:
         clients_of: ``clients_of(i)``: the clients whose home actor ``i`` is now.
         max_retries: ``faults.max_retries``.
         rows_of: ``rows_of(clients)``: their rows of the data, or None (generated data).
+        timeout_s: ``faults.restart_timeout_s``: how long to wait for a restarted actor.
     """
 
     def __init__(
@@ -79,10 +79,11 @@ class Recovery:
         clients_of: Callable[[int], list[int]],
         max_retries: int,
         rows_of: Callable[[list[int]], Any],
+        timeout_s: float = 120.0,
     ) -> None:
         self.actors, self.start, self.clients_of = actors, start, clients_of
         self.rows_of = rows_of
-        self.max_retries = max_retries
+        self.max_retries, self.timeout_s = max_retries, timeout_s
         self.snapshot: Any = None  # object ref of {client: state}; None = every client fresh
         self.log: list[tuple[int, Any, set[int]]] = []  # (round, theta ref, clients trained)
         self.log_bytes = 0  # bytes of the thetas the log holds
@@ -169,7 +170,7 @@ class Recovery:
             # Ray has given up on it (restarts used up): a replacement takes its place.
             ray.kill(self.actors[i], no_restart=True)
             self.actors[i] = self.start(i)
-            ray.get(self.actors[i].node_id.remote(), timeout=RESTART_TIMEOUT_S)
+            ray.get(self.actors[i].node_id.remote(), timeout=self.timeout_s)
         clients = self.clients_of(i)
         actor, mine = self.actors[i], set(clients)
         snapshots = [] if self.snapshot is None else [self.snapshot]
@@ -185,10 +186,10 @@ class Recovery:
 
     def _alive(self, i: int) -> bool:
         """Wait while Ray restarts actor ``i``; False if it is dead for good."""
-        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                ray.get(self.actors[i].node_id.remote(), timeout=RESTART_TIMEOUT_S)
+                ray.get(self.actors[i].node_id.remote(), timeout=self.timeout_s)
                 return True
             except ray.exceptions.ActorDiedError:
                 return False

@@ -17,7 +17,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from pf2lora_ray import seeds
 from pf2lora_ray.config import Config, FedConfig, read_yaml
 from pf2lora_ray.results import write_text
-from pf2lora_ray.runtime.loopback import cluster_address, init_embedded
+from pf2lora_ray.runtime.sizing import start_ray
 from pf2lora_ray.storage import Location, check_folder, location
 from pf2lora_ray.tune.outputs import (
     TRIALS_FILE,
@@ -31,18 +31,6 @@ from pf2lora_ray.tune.trial import concurrency, run_trial, trial_bundles
 from pf2lora_ray.validate import DataCheck, UsageError, validate_run
 
 SPEC_FILE = "tune_spec.yaml"
-
-
-def _start_ray(cfg: Config) -> bool:
-    """Reuse an initialised Ray, else connect/start one; returns whether we started it."""
-    if ray.is_initialized():
-        return False
-    address = cluster_address(cfg.runtime.address)
-    if address:
-        ray.init(address=address, include_dashboard=cfg.runtime.dashboard)
-    else:  # every server on 127.0.0.1; token authentication stays Ray's default (on)
-        init_embedded(include_dashboard=cfg.runtime.dashboard)
-    return True
 
 
 def ray_storage(loc: Location) -> dict[str, Any]:
@@ -129,7 +117,7 @@ def run_tune(
     check_folder(out, "--out")
     spec = {"base": overrides_of(cfg), "space": read_yaml(space_path), "samples": samples}
     _check_out(out, spec, resume)
-    started = _start_ray(cfg)
+    started = start_ray(cfg)
     try:
         base_trial = trial_config(cfg, space.fixed)
         bundles = trial_bundles(base_trial, space.driver_cpus)
