@@ -7,7 +7,8 @@ run folders and Tune folders). DEST holds:
 - ``metrics.parquet``: every evaluation row (``val`` and ``test`` splits, per client
   and aggregate, diagnostics included: ``<metric>.shared_only``, ``norm_C``, ``norm_D``),
   at every evaluation round; training rows are left out;
-- ``ranks.parquet``: each run's ranks at its last round;
+- ``ranks.parquet``: each run's ranks at its last round (singular values as float32:
+  a layer's spectrum in float64 is most of a compact folder for a 30-layer model);
 - ``search.parquet``: one row per Tune trial of every search under OUT (the method's
   folder, the trial, the round it reached of the rounds it planned, its last reported
   values), so the report can say how each method was searched.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis.load import TRIALS_FILE, Results, load_results, load_tune
@@ -36,6 +38,11 @@ def compact_results(results: Results) -> Results:
     ranks = results.ranks
     if not ranks.empty:
         ranks = at_round(ranks, None, by="run_id").reset_index(drop=True)
+        if "singular_values" in ranks:
+            ranks["singular_values"] = [
+                None if v is None else np.asarray(v, dtype=np.float32)
+                for v in ranks["singular_values"]
+            ]
     return Results(results.runs, metrics, ranks, results.system.iloc[0:0])
 
 

@@ -147,3 +147,30 @@ def test_seed_job_resumes_only_once_one_of_its_runs_exists(tmp_path: Path, monke
     (runs / "homlora-s1" / "runs.parquet").write_bytes(b"")
     study.run("sst2", tmp_path / "jobs" / "sst2.yaml")
     assert ["--resume" in argv for argv in seen] == [False, True]
+
+
+def test_replay_first_round_gives_the_runs_own_round_one(tmp_path: Path) -> None:
+    """jobs/study/replay_first_round.py (REPRODUCTION, the diverged personal adapter)."""
+    import pandas as pd
+
+    from pf2lora_ray.cli import main
+    from tests.helpers import synthetic_run_args
+
+    out = tmp_path / "run"
+    sets = ("runtime.backend=local", "fed.rounds=1", "fed.eval_every=1", "synthetic.train_size=64")
+    assert main(synthetic_run_args(out, *sets)) == 0
+    done = subprocess.run(
+        [sys.executable, str(STUDY / "replay_first_round.py"), str(out), "2", "7"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    loss = metrics[(metrics["split"] == "train") & (metrics["metric"] == "train_loss")]
+    loss = loss.set_index("client_id")["value"]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("client ")]
+    assert [line.split(":")[0] for line in lines] == ["client 2", "client 7"]
+    for k, line in zip((2, 7), lines, strict=True):
+        assert f"round-1 train_loss {loss[k]:.4f}," in line  # the run's own round 1
+        norm = float(line.split("||D|| ")[1].split(";")[0])
+        assert norm > 0  # D_k starts at 0: one round of the lower level moved it
