@@ -7,7 +7,13 @@ from analysis.methods import method_label
 from analysis.plots import plot_metric_vs_round, plot_rank_heatmap, plot_tune_scatter
 from analysis.report import main_metric, main_tune_metric, write_report
 from analysis.stats import t_interval, t_quantile
-from analysis.study import paired_differences, per_run_summary, rank_summary, seed_summary
+from analysis.study import (
+    paired_differences,
+    per_run_summary,
+    personal_failures,
+    rank_summary,
+    seed_summary,
+)
 from analysis.study_report import method_task_table, personal_table, plot_seed_bars
 from analysis.tables import (
     best_trial,
@@ -37,6 +43,7 @@ __all__ = [
     "metric_direction",
     "paired_differences",
     "per_run_summary",
+    "personal_failures",
     "personal_table",
     "plot_metric_vs_round",
     "plot_rank_heatmap",

@@ -42,6 +42,9 @@ FALLBACK_METRICS = ("accuracy", "mcc", "pearson", "bleu", "mse", "loss")
 SHARED_ONLY = "shared_only"
 NORMS = ("norm_C", "norm_D")
 REFERENCE = "pf2lora"
+# A client's personal level "broke" it when its loss exceeds this multiple of the same
+# model's loss with D_k C_k off (personal_failures).
+BROKEN_LOSS_RATIO = 2.0
 # Per-run quantities summarized over seeds (columns of per_run_summary).
 QUANTITIES = ("mean", "worst_decile", "lift", "shared_only", "personal_gain", "helped", *NORMS)
 
@@ -120,6 +123,57 @@ def _client_numbers(run_rows: pd.DataFrame, metric: str) -> dict[str, float]:
         if norm in wide:
             numbers[norm] = float(wide[norm].mean())
     return numbers
+
+
+def personal_failures(
+    results: Results, split: str = "test", ratio: float = BROKEN_LOSS_RATIO
+) -> pd.DataFrame:
+    """Clients whose personal level broke their model: loss > ``ratio`` x loss with it off.
+
+    A mean over clients hides such a client (REPRODUCTION.md, WebNLG: one client at
+    BLEU 0.67 against 39.94 with D_k C_k switched off), so the report lists them.
+    Read at each run's last round with ``loss.shared_only`` on ``split``; methods
+    without a personal level log none and are never listed.
+
+    Returns:
+        One row per such client: task, method, seed, run_id, client_id, loss,
+        loss_off (D_k C_k off), metric (the task's primary), value, value_off,
+        norm_D. Empty (same columns) when none broke.
+    """
+    methods = run_methods(results.runs).set_index("run_id")
+    rows = results.metrics[
+        results.metrics["client_id"].notna() & (results.metrics["split"] == split)
+    ]
+    off = f"loss.{SHARED_ONLY}"
+    records = []
+    for run_id, run_rows in rows.groupby("run_id", sort=True):
+        if run_id not in methods.index or off not in set(run_rows["metric"]):
+            continue
+        info = methods.loc[run_id]
+        metric = primary_metric(info["task"], set(run_rows["metric"]))
+        last = run_rows.loc[run_rows["metric"] == off, "round"].max()
+        wide = run_rows[run_rows["round"] == last].pivot_table(
+            index="client_id", columns="metric", values="value", aggfunc="mean"
+        )
+        for client_id, row in wide[wide["loss"] > ratio * wide[off]].iterrows():
+            records.append(
+                {
+                    "task": info["task"],
+                    "method": info["method"],
+                    "seed": info["seed"],
+                    "run_id": run_id,
+                    "client_id": int(client_id),
+                    "loss": row["loss"],
+                    "loss_off": row[off],
+                    "metric": metric,
+                    "value": row.get(metric, math.nan),
+                    "value_off": row.get(f"{metric}.{SHARED_ONLY}", math.nan),
+                    "norm_D": row.get("norm_D", math.nan),
+                }
+            )
+    columns = ["task", "method", "seed", "run_id", "client_id", "loss", "loss_off"]
+    table = pd.DataFrame(records, columns=[*columns, "metric", "value", "value_off", "norm_D"])
+    return table.sort_values(["task", "method", "seed", "client_id"], ignore_index=True)
 
 
 def _mean_of(wide: pd.DataFrame, minuend: str, subtrahend: str) -> float:

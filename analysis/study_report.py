@@ -19,10 +19,12 @@ from matplotlib.figure import Figure
 from analysis.methods import method_order
 from analysis.stats import CONFIDENCE
 from analysis.study import (
+    BROKEN_LOSS_RATIO,
     NORMS,
     REFERENCE,
     paired_differences,
     per_run_summary,
+    personal_failures,
     reference_method,
     seed_summary,
     single_metric,
@@ -227,6 +229,19 @@ def study_markdown(results: Results, split: str = "test") -> tuple[list[str], pd
             "client mean.",
             "",
             to_markdown(personal),
+        ]
+    broken = personal_failures(results, split)
+    if not broken.empty:
+        lines += [
+            "### Clients the personal level broke "
+            f"(loss > {BROKEN_LOSS_RATIO:g}x with D_k C_k off)",
+            "",
+            "Each client whose loss on this split, as trained, exceeds "
+            f"{BROKEN_LOSS_RATIO:g} times the same model's with the personal level switched "
+            "off: `value` / `value_off` are the primary metric with it on / off, norm_D the "
+            "client's ||D_k||. The means above include them.",
+            "",
+            to_markdown(broken),
         ]
     lines += ["### Per run", "", to_markdown(_per_run_display(per_run))]
     return lines, summary

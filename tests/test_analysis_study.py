@@ -19,7 +19,13 @@ from analysis.load import METRICS_SCHEMA, Results, empty_table, load_results
 from analysis.methods import method_label, run_methods
 from analysis.report import write_report
 from analysis.stats import t_interval, t_quantile
-from analysis.study import paired_differences, per_run_summary, rank_summary, seed_summary
+from analysis.study import (
+    paired_differences,
+    per_run_summary,
+    personal_failures,
+    rank_summary,
+    seed_summary,
+)
 from analysis.study_report import format_cell, method_task_table, plot_seed_bars
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -167,6 +173,43 @@ def test_per_run_summary_last_round_lift_and_personal_level() -> None:
     assert row["personal_gain"] == pytest.approx(-0.1)
     assert row["helped"] == pytest.approx(0.2)
     assert (row["norm_C"], row["norm_D"]) == (pytest.approx(2.0), pytest.approx(0.2))
+
+
+def test_personal_failures_lists_clients_whose_personal_level_broke_them(tmp_path) -> None:
+    runs = runs_table(
+        [
+            ("p", "pf2lora", "pf2lora-s2", 2, "webnlg", None),
+            ("h", "homlora", "homlora-s2", 2, "webnlg", None),
+            ("q", "pf2lora", "pf2lora-s1", 1, "webnlg", None),  # a second seed: a study report
+        ]
+    )
+    rows = client_rows("p", 6, "bleu", [30.0, 0.5, 25.0])
+    rows += client_rows("p", 6, "bleu.shared_only", [29.0, 40.0, 26.0])
+    rows += client_rows("p", 6, "loss", [1.0, 9.5, 2.1])
+    rows += client_rows("p", 6, "loss.shared_only", [1.1, 1.0, 1.05])  # 2.1 is 2x: not broken
+    rows += client_rows("p", 6, "norm_D", [0.3, 7.6, 0.4])
+    rows += client_rows("p", 3, "loss", [50.0, 50.0, 50.0])  # an earlier round: not read
+    rows += client_rows("p", 3, "loss.shared_only", [1.0, 1.0, 1.0])
+    rows += client_rows("h", 6, "bleu", [30.0, 0.5, 25.0]) + client_rows("h", 6, "loss", [9.0] * 3)
+    rows += client_rows("q", 6, "bleu", [30.0] * 3) + client_rows("q", 6, "loss", [1.0] * 3)
+    rows += client_rows("q", 6, "loss.shared_only", [0.9] * 3)
+    results = results_of(runs, rows)
+    broken = personal_failures(results)
+    assert broken[["method", "seed", "client_id"]].values.tolist() == [["pf2lora", 2, 1]]
+    row = broken.iloc[0]
+    assert (row["loss"], row["loss_off"], row["metric"]) == (9.5, 1.0, "bleu")
+    assert (row["value"], row["value_off"], row["norm_D"]) == (0.5, 40.0, 7.6)
+    assert personal_failures(results, ratio=1.9)["client_id"].tolist() == [1, 2]
+    assert personal_failures(results, split="val").empty
+    # The report lists it under the study's sections.
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for name, table in (("runs", results.runs), ("metrics", results.metrics)):
+        table.to_parquet(folder / f"{name}.parquet")
+    write_report(folder)
+    report = (folder / "report.md").read_text()
+    assert "### Clients the personal level broke (loss > 2x with D_k C_k off)" in report
+    assert "| webnlg | pf2lora | 2 | p | 1 | 9.5 | 1 | bleu | 0.5 | 40 | 7.6 |" in report
 
 
 def test_per_run_summary_primary_metric_per_task() -> None:
