@@ -19,6 +19,7 @@ Every function is pure: DataFrames in, a DataFrame out.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -78,15 +79,8 @@ def per_run_summary(results: Results, split: str = "test") -> pd.DataFrame:
         - ``norm_C``, ``norm_D``: the Frobenius norms of C_k, D_k summed over layers.
         Runs whose task logged no known metric on ``split`` are left out.
     """
-    methods = run_methods(results.runs).set_index("run_id")
-    rows = results.metrics[
-        results.metrics["client_id"].notna() & (results.metrics["split"] == split)
-    ]
     records = []
-    for run_id, run_rows in rows.groupby("run_id", sort=True):
-        if run_id not in methods.index:
-            raise ValueError(f"run {run_id!r} has metrics but no row in runs.parquet")
-        info = methods.loc[run_id]
+    for run_id, info, run_rows in _client_rows_by_run(results, split):
         metric = primary_metric(info["task"], set(run_rows["metric"]))
         if metric is None:
             continue
@@ -100,14 +94,34 @@ def per_run_summary(results: Results, split: str = "test") -> pd.DataFrame:
     )
 
 
-def _client_numbers(run_rows: pd.DataFrame, metric: str) -> dict[str, float]:
+def _client_rows_by_run(
+    results: Results, split: str
+) -> Iterator[tuple[str, pd.Series, pd.DataFrame]]:
+    """(run_id, its methods row, its per-client rows on ``split``) for every run, in order."""
+    methods = run_methods(results.runs).set_index("run_id")
+    rows = results.metrics[
+        results.metrics["client_id"].notna() & (results.metrics["split"] == split)
+    ]
+    for run_id, run_rows in rows.groupby("run_id", sort=True):
+        if run_id not in methods.index:
+            raise ValueError(f"run {run_id!r} has metrics but no row in runs.parquet")
+        yield run_id, methods.loc[run_id], run_rows
+
+
+def _at_last_round(run_rows: pd.DataFrame, metric: str) -> tuple[int, pd.DataFrame]:
+    """The last round with ``metric``, and every metric per client at it (client x metric)."""
     last = run_rows.loc[run_rows["metric"] == metric, "round"].max()
     at_last = run_rows[run_rows["round"] == last]
     wide = at_last.pivot_table(index="client_id", columns="metric", values="value", aggfunc="mean")
+    return int(last), wide
+
+
+def _client_numbers(run_rows: pd.DataFrame, metric: str) -> dict[str, float]:
+    last, wide = _at_last_round(run_rows, metric)
     higher = metric_direction(metric)
     values = wide[metric].dropna()
     numbers = {
-        "round": int(last),
+        "round": last,
         "n_clients": len(values),
         "mean": float(values.mean()),
         "worst_decile": worst_decile(values, higher),
@@ -140,21 +154,13 @@ def personal_failures(
         loss_off (D_k C_k off), metric (the task's primary), value, value_off,
         norm_D. Empty (same columns) when none broke.
     """
-    methods = run_methods(results.runs).set_index("run_id")
-    rows = results.metrics[
-        results.metrics["client_id"].notna() & (results.metrics["split"] == split)
-    ]
     off = f"loss.{SHARED_ONLY}"
     records = []
-    for run_id, run_rows in rows.groupby("run_id", sort=True):
-        if run_id not in methods.index or off not in set(run_rows["metric"]):
+    for run_id, info, run_rows in _client_rows_by_run(results, split):
+        if off not in set(run_rows["metric"]):
             continue
-        info = methods.loc[run_id]
         metric = primary_metric(info["task"], set(run_rows["metric"]))
-        last = run_rows.loc[run_rows["metric"] == off, "round"].max()
-        wide = run_rows[run_rows["round"] == last].pivot_table(
-            index="client_id", columns="metric", values="value", aggfunc="mean"
-        )
+        _, wide = _at_last_round(run_rows, off)
         for client_id, row in wide[wide["loss"] > ratio * wide[off]].iterrows():
             records.append(
                 {

@@ -79,7 +79,7 @@ class Recovery:
         clients_of: Callable[[int], list[int]],
         max_retries: int,
         rows_of: Callable[[list[int]], Any],
-        timeout_s: float = 120.0,
+        timeout_s: float,
     ) -> None:
         self.actors, self.start, self.clients_of = actors, start, clients_of
         self.rows_of = rows_of
